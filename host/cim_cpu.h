@@ -1,0 +1,80 @@
+// The CPU reference backend of the CIM simulator (cim-model.md): per layer, the weights are
+// quantised and sliced once; per trial the chip is "programmed" (conductances with their noise);
+// per batch every read — sub-array × input bit × cell slice — is a GEMM through OpenBLAS, followed
+// by the ADC and the shift-and-add recombination. Threads split the output positions into fixed
+// chunks, so results do not depend on the thread count.
+#pragma once
+#include <cstdint>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "host/backend.h"
+#include "host/cim_config.h"
+#include "kernels/noise.h"
+
+namespace cimsweep {
+
+// The static part of one CIM layer under one configuration.
+struct QuantisedLayer {
+  CimLayerSpec spec;
+  int index = 0;                 // forward-order number: keys its noise stream
+  bool digital = false;          // computed digitally (quantised, exact), no CIM
+  double output_scale = 0;       // multiplies the recombined integer-unit sum (§5)
+  std::vector<uint16_t> levels;  // D[o][logical row], logical row = (c, i, j) row-major
+  // Sub-arrays over the mapped row order: mapped row r holds logical row mapped_to_logical[r].
+  std::vector<int> mapped_to_logical;
+  std::vector<int> subarray_begin;  // size = sub-arrays + 1
+  double adc_full_scale = 0;        // ADC `calibrated`: the measured range; `fixed`: unused
+
+  int subarrays() const { return int(subarray_begin.size()) - 1; }
+};
+
+QuantisedLayer quantise_layer(const CimLayerSpec& spec, int index, const CimConfig& config,
+                              bool digital);
+
+class CpuCimBackend : public CimBackend {
+ public:
+  CpuCimBackend(const std::vector<CimLayerSpec>& layers, const CimConfig& config);
+  std::string name() const override { return "cpu"; }
+
+  // Programs the chip of trial `trial` at variation `sigma` (mode `device`: the noise is drawn
+  // here once; mode `cycle`: per read during run_layer).
+  void program_chip(uint32_t trial, double sigma);
+  void begin_batch(uint32_t batch_index) override { batch_index_ = batch_index; }
+  void run_layer(int index, const float* x, int n, int h, int w, float* y) override;
+
+  // ADC `calibrated`: while enabled, layers run clean with an ideal ADC and record the largest
+  // partial sum of each layer; disabling sets each layer's full scale to it.
+  void set_calibrating(bool on);
+  // Forces every layer digital (the clean σ = 0, ADC-ideal reference, which equals it exactly).
+  void set_all_digital(bool on) { all_digital_ = on; }
+
+  const std::vector<QuantisedLayer>& layers() const { return layers_; }
+  // The GEMM operand of sub-array `s` of layer `index` as programmed now (for tests).
+  const std::vector<float>& programmed_subarray(int index, int s) const { return chip_[index][s]; }
+
+ private:
+  void program_subarray(int index, int s, uint32_t read);
+  void run_cim(const QuantisedLayer& layer, const std::vector<uint16_t>& mapped_input, int npos,
+               std::vector<double>& acc);
+  void run_digital(const QuantisedLayer& layer, const std::vector<uint16_t>& mapped_input, int npos,
+                   std::vector<double>& acc) const;
+
+  CimConfig config_;
+  std::vector<QuantisedLayer> layers_;
+  std::vector<std::vector<std::vector<float>>> chip_;  // [layer][sub-array] GEMM operand
+  std::vector<double> calibration_max_;
+  cim::NoiseKey key_;
+  double sigma_ = 0;
+  uint32_t batch_index_ = 0;
+  bool calibrating_ = false;
+  bool all_digital_ = false;
+};
+
+// Rows of a sub-array's GEMM operand: nc·out weight rows (slice-major), then the reference rows:
+// one all-ones row (it counts Σ b; Pref = g_ref·Σ b) unless the reference cells vary, then one
+// row of varied reference conductances per slice.
+int reference_rows(const CimConfig& config, double sigma);
+
+}  // namespace cimsweep

@@ -1,0 +1,267 @@
+#include "host/cli.h"
+
+#include <omp.h>
+
+#include <cstdio>
+#include <iostream>
+#include <sstream>
+
+#include <CLI/CLI.hpp>
+
+#include "host/cim_cpu.h"
+#include "host/errors.h"
+#include "host/model_file.h"
+#include "host/results.h"
+#include "host/sweep.h"
+#include "host/sweep_spec.h"
+
+#if defined(CIMSWEEP_HAVE_CUDA)
+#include "cuda/device_info.h"
+#endif
+
+namespace cimsweep {
+namespace {
+
+// Options shared by `eval` and `sweep`.
+struct RunOptions {
+  std::vector<std::pair<std::string, std::string>> cim;  // CIM options in command-line order
+  std::string data, split, results, format = "md", output, backend = "auto";
+  long long limit = -1;
+  int trials = -1, first_trial = -1, threads = 0;
+  bool resume = false, quiet = false, no_clean = false;
+};
+
+void add_run_options(CLI::App* cmd, RunOptions& o) {
+  cmd->add_option("--data", o.data,
+                  "data set: CIFAR-10 binary, IDX(.gz) or image-folder path (default: Debian's "
+                  "Fashion-MNIST, /usr/share/datasets/fashion-mnist)");
+  cmd->add_option("--split", o.split, "test or train (default test)");
+  cmd->add_option("--limit", o.limit, "class-balanced subset of N images (default all)");
+  cmd->add_option("--trials", o.trials, "Monte-Carlo chips per σ (default 1)");
+  cmd->add_option("--first-trial", o.first_trial, "number of the first trial (default 0)");
+  cmd->add_option("--results", o.results, "append every trial to this JSON Lines file");
+  cmd->add_flag("--resume", o.resume, "continue the --results file, skipping finished trials");
+  cmd->add_option("--format", o.format, "table format: md, csv or json (default md)");
+  cmd->add_option("--output", o.output,
+                  "write the table to this file (atomically) instead of stdout");
+  cmd->add_flag("--no-clean", o.no_clean, "skip the clean (σ = 0, ADC ideal) reference run");
+  cmd->add_option("--threads", o.threads, "CPU threads (default: all cores)");
+  cmd->add_option("--backend", o.backend, "auto or cpu (default auto)");
+  cmd->add_flag("--quiet", o.quiet, "no progress line");
+
+  struct CimOption {
+    const char* name;
+    const char* help;
+    bool flag;
+  };
+  static const CimOption cim_options[] = {
+      {"weight-bits", "weight bits wb (default 8)", false},
+      {"cell-bits", "bits per memory cell cb, divides wb (default 4)", false},
+      {"input-bits", "input bits ab, fed bit-serially (default 8)", false},
+      {"rows", "rows per sub-array R (default 128)", false},
+      {"onoff", "on/off conductance ratio r, or inf (default 10)", false},
+      {"weight-scaling", "maxabs or wage (default maxabs)", false},
+      {"variation", "device (one draw per chip) or cycle (per read) (default device)", false},
+      {"clamp-at-zero", "clamp varied conductances at 0", true},
+      {"reference-variation", "vary the reference column's cells too", true},
+      {"mapping", "kernel or dense (default kernel)", false},
+      {"adc-bits", "ADC bits N (default 10)", false},
+      {"adc", "dynamic, fixed, calibrated or ideal (default dynamic)", false},
+      {"batch", "evaluation batch size; the dynamic ADC spans it (default 500)", false},
+      {"digital-layers", "comma-separated layers computed digitally, e.g. conv1,fc", false},
+      {"neurosim-scale", "divide by 2^wb·2^ab as NeuroSim does", true},
+      {"seed", "sweep seed of the noise (default 1)", false},
+  };
+  for (const CimOption& opt : cim_options) {
+    const std::string name = opt.name;
+    if (opt.flag) {
+      cmd->add_flag_callback(
+          "--" + name, [&o, name] { o.cim.emplace_back(name, "true"); }, opt.help);
+    } else {
+      cmd->add_option_function<std::string>(
+          "--" + name, [&o, name](const std::string& v) { o.cim.emplace_back(name, v); }, opt.help);
+    }
+  }
+}
+
+std::vector<double> parse_sigma_list(const std::string& text) {
+  std::vector<double> sigmas;
+  std::stringstream ss(text);
+  std::string item;
+  while (std::getline(ss, item, ',')) {
+    char* end = nullptr;
+    const double v = std::strtod(item.c_str(), &end);
+    if (item.empty() || *end != '\0')
+      throw UserError("σ list '" + text + "' has a value that is not a number ('" + item +
+                      "'): use e.g. --sigmas 0,0.05,0.1");
+    sigmas.push_back(v);
+  }
+  return sigmas;
+}
+
+void apply_run_options(const RunOptions& o, SweepPlan& plan) {
+  for (const auto& [name, value] : o.cim) set_cim_option(plan.cim, name, value);
+  if (!o.data.empty()) plan.data_path = o.data;
+  if (!o.split.empty()) plan.split = o.split;
+  if (o.limit >= 0) plan.limit = size_t(o.limit);
+  if (o.trials >= 0) plan.trials = o.trials;
+  if (o.trials == 0) throw UserError("--trials must be at least 1");
+  if (o.first_trial >= 0) plan.first_trial = o.first_trial;
+  if (o.no_clean) plan.clean_reference = false;
+  if (o.threads < 0) throw UserError("--threads must be at least 1 (or leave it out: all cores)");
+  if (o.backend != "auto" && o.backend != "cpu") {
+    if (o.backend == "cuda")
+      throw UserError("--backend cuda: this version has no CUDA backend yet; use --backend cpu");
+    throw UserError("unknown --backend '" + o.backend + "': use auto or cpu");
+  }
+  if (o.format != "md" && o.format != "csv" && o.format != "json")
+    throw UserError("unknown --format '" + o.format + "': use md, csv or json");
+  if (o.resume && o.results.empty())
+    throw UserError("--resume needs --results FILE: the file whose finished trials to skip");
+}
+
+// One line on stderr saying where the work runs: the CPU reference backend in this version.
+void announce_backend() {
+  std::string why;
+#if defined(CIMSWEEP_HAVE_CUDA)
+  const std::string gpu = cuda_device_summary();
+  why = gpu.empty() ? "no GPU found" : gpu + " found, but the CUDA backend is not in this version";
+#else
+  why = "built without CUDA";
+#endif
+  std::fprintf(stderr, "cimsweep: CPU backend, %d threads (%s)\n", omp_get_max_threads(),
+               why.c_str());
+}
+
+void emit_table(const std::vector<TrialRecord>& records, const RunOptions& o) {
+  const std::string table = format_table(aggregate(records), o.format);
+  if (o.output.empty()) {
+    std::cout << table;
+    if (!table.empty() && table.back() != '\n') std::cout << '\n';
+    std::cout.flush();
+  } else {
+    write_file_atomically(o.output, table);
+  }
+}
+
+int run_info(const std::string& path) {
+  const LoadedModel model = load_model(path);
+  const ResNet& net = *model.network;
+  std::cout << "model:       " << path << "\n";
+  std::cout << "network:     " << net.arch().describe() << "\n";
+  std::cout << "parameters:  " << net.parameter_count() << "\n";
+  const auto macs = net.layer_macs();
+  int64_t total_macs = 0;
+  for (int64_t m : macs) total_macs += m;
+  std::cout << "MACs/image:  " << total_macs << " (CIM layers)\n";
+  for (const auto& [key, value] : model.metadata)
+    if (key != "cimsweep.arch" && key != "cimsweep.input_ranges")
+      std::cout << key << ": " << value << "\n";
+  // Crossbar usage under the default CIM model: sub-arrays of R rows, one column per output and
+  // cell slice, plus a reference column per sub-array and slice.
+  const CimConfig defaults;
+  std::cout << "\nper-layer crossbar usage (default mapping '" << to_string(defaults.mapping)
+            << "', R = " << defaults.subarray_rows << ", " << defaults.cells_per_weight()
+            << " cells per weight):\n\n";
+  std::cout << "| # | layer | kernel | stride | in → out | rows | sub-arrays | columns/sub-array | "
+               "cells | a_max | MACs/image |\n| --- | --- | --- | --- | --- | --- | --- | --- | "
+               "--- | --- | --- |\n";
+  int64_t total_cells = 0;
+  for (size_t i = 0; i < net.cim_layers().size(); ++i) {
+    const CimLayerSpec& s = net.cim_layers()[i];
+    const QuantisedLayer q = quantise_layer(s, int(i), defaults, false);
+    const int columns = defaults.cells_per_weight() * (s.out_channels + 1);
+    const int64_t cells = int64_t(q.subarrays()) * columns * defaults.subarray_rows;
+    total_cells += cells;
+    char line[512];
+    std::snprintf(line, sizeof line,
+                  "| %zu | %s | %d×%d | %d | %d → %d | %d | %d | %d | %lld | %.4g | %lld |\n", i,
+                  s.name.c_str(), s.kernel_h, s.kernel_w, s.stride, s.in_channels, s.out_channels,
+                  s.rows(), q.subarrays(), columns, (long long)cells, double(s.input_range),
+                  (long long)macs[i]);
+    std::cout << line;
+  }
+  std::cout << "\ncells in all sub-arrays (incl. unused rows and reference columns): "
+            << total_cells << "\n";
+  return 0;
+}
+
+}  // namespace
+
+int run_cli(int argc, char** argv) {
+  CLI::App app{
+      "cimsweep: how accurate is this network on a compute-in-memory chip with noisy cells?\n"
+      "Monte-Carlo sweeps of ResNets over conductance variation σ (see README.md)."};
+  app.set_version_flag("--version", std::string("cimsweep ") + CIMSWEEP_VERSION);
+  app.require_subcommand(1);
+
+  std::string info_model;
+  CLI::App* info =
+      app.add_subcommand("info", "print a model's architecture, parameters and crossbar usage");
+  info->add_option("model", info_model, "model file (.safetensors)")->required();
+
+  RunOptions eval_options;
+  std::string eval_model;
+  double eval_sigma = 0;
+  CLI::App* eval = app.add_subcommand("eval", "evaluate one model at one σ over one or more chips");
+  eval->add_option("model", eval_model, "model file (.safetensors)")->required();
+  eval->add_option("--sigma", eval_sigma, "conductance variation σ (default 0)");
+  add_run_options(eval, eval_options);
+
+  RunOptions sweep_options;
+  std::string spec_path, sigma_list;
+  std::vector<std::string> sweep_models;
+  CLI::App* sweep =
+      app.add_subcommand("sweep", "run models × σ values × chips and print the accuracy table");
+  sweep->add_option("models", sweep_models, "model files (or [[models]] in --spec)");
+  sweep->add_option("--spec", spec_path, "sweep file (TOML), e.g. sweeps/fmnist-quick.toml");
+  sweep->add_option("--sigmas", sigma_list, "comma-separated σ values, e.g. 0,0.05,0.1,0.15,0.2");
+  add_run_options(sweep, sweep_options);
+
+  try {
+    try {
+      app.parse(argc, argv);
+    } catch (const CLI::ParseError& e) {
+      return app.exit(e);
+    }
+    if (info->parsed()) return run_info(info_model);
+
+    const bool is_eval = eval->parsed();
+    RunOptions& o = is_eval ? eval_options : sweep_options;
+    SweepPlan plan;
+    if (is_eval) {
+      plan.name = "eval";
+      plan.models.push_back({default_label(eval_model), eval_model});
+      plan.sigmas = {eval_sigma};
+    } else {
+      if (!spec_path.empty()) plan = read_sweep_spec(spec_path);
+      if (!sweep_models.empty()) {
+        plan.models.clear();
+        for (const auto& m : sweep_models) plan.models.push_back({default_label(m), m});
+      }
+      if (!sigma_list.empty()) plan.sigmas = parse_sigma_list(sigma_list);
+    }
+    apply_run_options(o, plan);
+    validate_plan(plan);
+    if (o.threads > 0) omp_set_num_threads(o.threads);
+    SweepOptions options;
+    options.on_start = announce_backend;
+    options.results_path = o.results;
+    options.resume = o.resume;
+    options.show_progress = !o.quiet;
+    const std::vector<TrialRecord> records = run_sweep(plan, options);
+    emit_table(records, o);
+    return 0;
+  } catch (const UserError& e) {
+    std::fprintf(stderr, "cimsweep: error: %s\n", e.what());
+    return 2;
+  } catch (const std::bad_alloc&) {
+    std::fprintf(stderr, "cimsweep: error: out of memory: use a smaller --batch\n");
+    return 3;
+  } catch (const std::exception& e) {
+    std::fprintf(stderr, "cimsweep: internal error: %s (please report it)\n", e.what());
+    return 4;
+  }
+}
+
+}  // namespace cimsweep

@@ -1,0 +1,116 @@
+#include "host/evaluate.h"
+
+#include <algorithm>
+#include <chrono>
+
+#include "host/errors.h"
+
+namespace cimsweep {
+
+void check_data_fits(const ResNetArch& arch, const Dataset& data, const std::string& model_path) {
+  const std::string where = "data (" + data.description + ") and model '" + model_path + "'";
+  if (data.size() == 0) throw UserError("the data set " + data.description + " holds no images");
+  if (data.channels != arch.in_channels)
+    throw UserError(where + " disagree: the images have " + std::to_string(data.channels) +
+                    " channel(s), the model expects " + std::to_string(arch.in_channels) +
+                    ": use data of the kind the model was trained on");
+  if (data.height != arch.input_height || data.width != arch.input_width)
+    throw UserError(where + " disagree: the images are " + std::to_string(data.height) + "×" +
+                    std::to_string(data.width) + ", the model expects " +
+                    std::to_string(arch.input_height) + "×" + std::to_string(arch.input_width));
+  if (data.num_classes != arch.num_classes)
+    throw UserError(where + " disagree: the data has " + std::to_string(data.num_classes) +
+                    " classes, the model " + std::to_string(arch.num_classes) +
+                    ": use the data set the model was trained on");
+}
+
+std::string configuration_hash(const LoadedModel& model, const Dataset& data,
+                               const CimConfig& config) {
+  nlohmann::json identity;
+  identity["model"] = model.content_hash;
+  identity["data"] = data.description;
+  identity["images"] = data.size();
+  identity["cim"] = config.to_json();
+  return fnv1a_hex(identity.dump());
+}
+
+TrialRunner::TrialRunner(const LoadedModel& model, const Dataset& data, const CimConfig& config,
+                         std::string model_label)
+    : model_(model), data_(data), config_(config), label_(std::move(model_label)) {
+  config_.validate();
+  check_data_fits(model.network->arch(), data, model.path);
+  config_hash_ = configuration_hash(model, data, config_);
+  backend_ = std::make_unique<CpuCimBackend>(model.network->cim_layers(), config_);
+  if (config_.adc == AdcMode::kCalibrated) {
+    // The ADC's range is set at design time from clean data: the largest partial sum of each layer
+    // over the first evaluation batch on a noise-free chip.
+    backend_->program_chip(0, 0.0);
+    backend_->set_calibrating(true);
+    std::vector<float> images;
+    const size_t count = std::min<size_t>(data.size(), size_t(config_.batch_size));
+    images.resize(count * data.image_elements());
+    for (size_t i = 0; i < images.size(); ++i) images[i] = data.pixels[i] * (1.0f / 255.0f);
+    backend_->begin_batch(0);
+    model.network->forward(images.data(), int(count), *backend_);
+    backend_->set_calibrating(false);
+  }
+}
+
+TrialRecord TrialRunner::run_trial(double sigma, int trial, const BatchCallback& on_batch) {
+  if (trial < 0) throw UserError("trial numbers start at 0");
+  backend_->set_all_digital(false);
+  backend_->program_chip(uint32_t(trial), sigma);
+  return classify_all(sigma, trial, on_batch);
+}
+
+TrialRecord TrialRunner::run_clean(const BatchCallback& on_batch) {
+  backend_->program_chip(0, 0.0);
+  backend_->set_all_digital(true);
+  TrialRecord record = classify_all(0.0, -1, on_batch);
+  backend_->set_all_digital(false);
+  return record;
+}
+
+TrialRecord TrialRunner::classify_all(double sigma, int trial, const BatchCallback& on_batch) {
+  const auto start = std::chrono::steady_clock::now();
+  const ResNet& net = *model_.network;
+  const int classes = net.arch().num_classes, exits = net.arch().num_exits();
+  const size_t total = data_.size(), per_image = data_.image_elements();
+  std::vector<uint64_t> exit_correct(exits, 0);
+  last_logits_.assign(exits, {});
+  std::vector<float> images;
+  uint32_t batch_index = 0;
+  for (size_t first = 0; first < total; first += size_t(config_.batch_size), ++batch_index) {
+    const size_t count = std::min(total - first, size_t(config_.batch_size));
+    images.resize(count * per_image);
+    const uint8_t* pixels = data_.image(first);
+    for (size_t i = 0; i < images.size(); ++i) images[i] = pixels[i] * (1.0f / 255.0f);
+    backend_->begin_batch(batch_index);
+    const auto logits = net.forward(images.data(), int(count), *backend_);
+    for (int e = 0; e < exits; ++e) {
+      for (size_t i = 0; i < count; ++i) {
+        const float* row = logits[e].data() + i * classes;
+        const int predicted = int(std::max_element(row, row + classes) - row);
+        exit_correct[e] += predicted == data_.labels[first + i];
+      }
+      last_logits_[e].insert(last_logits_[e].end(), logits[e].begin(), logits[e].end());
+    }
+    if (on_batch) on_batch(first + count);
+  }
+  TrialRecord record;
+  record.model = label_;
+  record.config_hash = config_hash_;
+  record.sigma = sigma;
+  record.trial = trial;
+  record.images = total;
+  record.correct = exit_correct.back();
+  record.accuracy = 100.0 * double(record.correct) / double(total);
+  if (exits > 1)
+    for (uint64_t c : exit_correct)
+      record.exit_accuracy.push_back(100.0 * double(c) / double(total));
+  record.seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+  record.extra = {{"backend", backend_->name()}};
+  return record;
+}
+
+}  // namespace cimsweep

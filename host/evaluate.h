@@ -1,0 +1,56 @@
+// Runs Monte-Carlo trials of one model on one data set: each trial programs a fresh simulated chip
+// (seed, trial) and classifies every image in batches.
+#pragma once
+#include <cstdint>
+#include <functional>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "host/cim_config.h"
+#include "host/cim_cpu.h"
+#include "host/dataset.h"
+#include "host/model_file.h"
+#include "host/results.h"
+
+namespace cimsweep {
+
+// Throws UserError when the data cannot feed the model (channels, size, classes).
+void check_data_fits(const ResNetArch& arch, const Dataset& data, const std::string& model_path);
+
+class TrialRunner {
+ public:
+  // Called after every batch with the images done so far in this trial.
+  using BatchCallback = std::function<void(size_t images_done)>;
+
+  TrialRunner(const LoadedModel& model, const Dataset& data, const CimConfig& config,
+              std::string model_label);
+
+  // One chip at `sigma`: trial index `trial` keys its noise.
+  TrialRecord run_trial(double sigma, int trial, const BatchCallback& on_batch = {});
+  // The clean reference: σ = 0 with an ideal ADC, computed as the exactly equal digital network.
+  TrialRecord run_clean(const BatchCallback& on_batch = {});
+
+  // Logits of every exit for every image, [exit][image × class], of the chip programmed last.
+  std::vector<std::vector<float>> logits_of_last_run() const { return last_logits_; }
+  const std::string& config_hash() const { return config_hash_; }
+  const CpuCimBackend& backend() const { return *backend_; }
+
+ private:
+  TrialRecord classify_all(double sigma, int trial, const BatchCallback& on_batch);
+
+  const LoadedModel& model_;
+  const Dataset& data_;
+  CimConfig config_;
+  std::string label_;
+  std::string config_hash_;
+  std::unique_ptr<CpuCimBackend> backend_;
+  std::vector<std::vector<float>> last_logits_;
+};
+
+// The identity of (model file, data, CIM configuration): every trial record carries it, and
+// --resume only reuses records whose hash matches.
+std::string configuration_hash(const LoadedModel& model, const Dataset& data,
+                               const CimConfig& config);
+
+}  // namespace cimsweep

@@ -1,0 +1,567 @@
+#include "host/results.h"
+
+#include <fcntl.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <cctype>
+#include <cerrno>
+#include <climits>
+#include <cstdio>
+#include <cstring>
+#include <filesystem>
+#include <iterator>
+#include <map>
+#include <sstream>
+#include <unordered_map>
+
+#include "host/errors.h"
+
+namespace cimsweep {
+namespace {
+
+using nlohmann::json;
+
+// Model labels come from file names, which on Linux need not be valid UTF-8; nlohmann's default
+// dump would throw on them. Replacing bad bytes keeps lines writable, and since unit keys are made
+// with the same dump, a record read back still has the key it was written with.
+std::string dump_line(const json& value) {
+  return value.dump(-1, ' ', false, json::error_handler_t::replace);
+}
+
+std::string errno_text() {
+  return std::strerror(errno);
+}
+
+// What is wrong with a record, without advice: the callers know the context and what to say.
+struct RecordProblem {
+  std::string what;
+};
+
+const json& require_field(const json& object, const char* name) {
+  auto it = object.find(name);
+  if (it == object.end()) throw RecordProblem{std::string("field '") + name + "' is missing"};
+  return *it;
+}
+
+[[noreturn]] void ill_typed(const char* name, const char* expected) {
+  throw RecordProblem{std::string("field '") + name + "' is not " + expected};
+}
+
+std::string string_field(const json& object, const char* name) {
+  const json& value = require_field(object, name);
+  if (!value.is_string()) ill_typed(name, "a string");
+  return value.get<std::string>();
+}
+
+// A measured quantity: NaN is written as null by nlohmann, so null reads back as NaN.
+double measurement(const json& value, const char* name) {
+  if (value.is_null()) return NAN;
+  if (!value.is_number()) ill_typed(name, "a number or null");
+  return value.get<double>();
+}
+
+uint64_t count_field(const json& object, const char* name) {
+  const json& value = require_field(object, name);
+  if (!value.is_number_unsigned()) ill_typed(name, "a non-negative integer");
+  return value.get<uint64_t>();
+}
+
+TrialRecord record_from_json(const json& object) {
+  if (!object.is_object()) throw RecordProblem{"it is not a JSON object"};
+  TrialRecord record;
+  record.model = string_field(object, "model");
+  record.config_hash = string_field(object, "config_hash");
+
+  const json& sigma = require_field(object, "sigma");
+  if (!sigma.is_number()) ill_typed("sigma", "a number");
+  record.sigma = sigma.get<double>();
+  if (!std::isfinite(record.sigma) || record.sigma < 0) ill_typed("sigma", "finite and >= 0");
+
+  const json& trial = require_field(object, "trial");
+  if (!trial.is_number_integer()) ill_typed("trial", "an integer");
+  const int64_t trial_value = trial.is_number_unsigned()
+                                  ? int64_t(std::min<uint64_t>(trial.get<uint64_t>(), INT64_MAX))
+                                  : trial.get<int64_t>();
+  if (trial_value < -1 || trial_value > INT_MAX) ill_typed("trial", "an integer >= -1");
+  record.trial = int(trial_value);
+
+  record.images = count_field(object, "images");
+  record.correct = count_field(object, "correct");
+  if (record.correct > record.images) ill_typed("correct", "at most 'images'");
+  record.accuracy = measurement(require_field(object, "accuracy"), "accuracy");
+  record.seconds = measurement(require_field(object, "seconds"), "seconds");
+
+  auto exits = object.find("exit_accuracy");
+  if (exits != object.end() && !exits->is_null()) {
+    if (!exits->is_array()) ill_typed("exit_accuracy", "an array");
+    for (const json& value : *exits) {
+      record.exit_accuracy.push_back(measurement(value, "exit_accuracy"));
+    }
+  }
+  auto extra = object.find("extra");
+  if (extra != object.end()) record.extra = *extra;
+  return record;
+}
+
+bool is_blank(const std::string& line) {
+  return std::all_of(line.begin(), line.end(),
+                     [](char c) { return std::isspace((unsigned char)c); });
+}
+
+// The records of a results file and how many leading bytes of it hold complete lines.
+struct ParsedResults {
+  std::vector<TrialRecord> records;  // deduplicated by unit key, first kept
+  size_t complete_bytes = 0;         // the file is truncated to this length on resume
+  size_t dropped_lines = 0;          // torn last line (0 or 1)
+};
+
+// Applies the torn-line rules: records are appended as whole lines, so after a crash only the
+// last line can be incomplete (no newline) or, after a power loss, hold garbage. Anything wrong
+// earlier in the file was not made by a crash and is reported rather than silently dropped.
+ParsedResults parse_results_text(const std::string& text, const std::string& path) {
+  ParsedResults parsed;
+  std::unordered_set<std::string> keys;
+  size_t position = 0, line_number = 0;
+  while (position < text.size()) {
+    const size_t newline = text.find('\n', position);
+    if (newline == std::string::npos) {
+      parsed.dropped_lines = 1;  // no trailing newline: the write of this line did not finish
+      break;
+    }
+    ++line_number;
+    const std::string line = text.substr(position, newline - position);
+    const size_t next = newline + 1;
+    if (is_blank(line)) {
+      parsed.complete_bytes = position = next;
+      continue;
+    }
+    json object = json::parse(line, nullptr, /*allow_exceptions=*/false);
+    if (object.is_discarded()) {
+      if (next == text.size()) {
+        parsed.dropped_lines = 1;
+        break;
+      }
+      throw UserError("results file '" + path + "' line " + std::to_string(line_number) +
+                      " is not valid JSON: repair or delete that line, or choose another "
+                      "--results path");
+    }
+    try {
+      TrialRecord record = record_from_json(object);
+      if (keys.insert(unit_key(record)).second) parsed.records.push_back(std::move(record));
+    } catch (const RecordProblem& problem) {
+      throw UserError("results file '" + path + "' line " + std::to_string(line_number) +
+                      " is not a trial record (" + problem.what +
+                      "): repair or delete that line, or choose another --results path");
+    }
+    parsed.complete_bytes = position = next;
+  }
+  return parsed;
+}
+
+std::string read_fd(int fd, const std::string& path) {
+  std::string text;
+  char buffer[1 << 16];
+  off_t offset = 0;
+  for (;;) {
+    const ssize_t got = pread(fd, buffer, sizeof buffer, offset);
+    if (got < 0 && errno == EINTR) continue;
+    if (got < 0) {
+      throw UserError("cannot read results file '" + path + "': " + errno_text() +
+                      ": check its permissions or choose another --results path");
+    }
+    if (got == 0) return text;
+    text.append(buffer, size_t(got));
+    offset += got;
+  }
+}
+
+// Writes all of `text`, retrying interrupted and short writes. Returns false with errno set.
+bool write_all(int fd, const char* data, size_t size) {
+  while (size > 0) {
+    const ssize_t wrote = ::write(fd, data, size);
+    if (wrote < 0 && errno == EINTR) continue;
+    if (wrote <= 0) {
+      if (wrote == 0) errno = EIO;
+      return false;
+    }
+    data += wrote;
+    size -= size_t(wrote);
+  }
+  return true;
+}
+
+std::string parent_directory(const std::string& path) {
+  std::string parent = std::filesystem::path(path).parent_path().string();
+  return parent.empty() ? "." : parent;
+}
+
+// Makes a new or renamed directory entry durable; a failure only weakens crash safety, so it is
+// not an error worth stopping a sweep for.
+void sync_directory(const std::string& directory) {
+  const int fd = ::open(directory.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+  if (fd < 0) return;
+  (void)fsync(fd);
+  ::close(fd);
+}
+
+}  // namespace
+
+json to_json(const TrialRecord& record) {
+  json object = {{"model", record.model},       {"config_hash", record.config_hash},
+                 {"sigma", record.sigma},       {"trial", record.trial},
+                 {"images", record.images},     {"correct", record.correct},
+                 {"accuracy", record.accuracy}, {"exit_accuracy", record.exit_accuracy},
+                 {"seconds", record.seconds}};
+  if (!record.extra.is_null()) object["extra"] = record.extra;
+  return object;
+}
+
+TrialRecord trial_from_json(const json& json_record) {
+  try {
+    return record_from_json(json_record);
+  } catch (const RecordProblem& problem) {
+    throw UserError("invalid trial record: " + problem.what +
+                    ": records must be as cimsweep writes them to its results file");
+  }
+}
+
+std::string unit_key(const TrialRecord& record) {
+  // A JSON array escapes the strings, so no model label or hash can make two keys collide, and
+  // nlohmann writes sigma as its shortest round-trip decimal.
+  return dump_line(json::array({record.model, record.config_hash, record.sigma, record.trial}));
+}
+
+ResultsLog::ResultsLog(const std::string& path, bool resume) : path_(path) {
+  // O_EXCL tells whether this object creates the file, which decides the clean-up in the
+  // destructor; an existing file is opened read-write so that a torn tail can be truncated.
+  fd_ = ::open(path.c_str(), O_RDWR | O_APPEND | O_CREAT | O_EXCL | O_CLOEXEC, 0644);
+  if (fd_ >= 0) {
+    created_ = true;
+    sync_directory(parent_directory(path));
+    return;
+  }
+  if (errno == EEXIST) fd_ = ::open(path.c_str(), O_RDWR | O_APPEND | O_CLOEXEC);
+  if (fd_ < 0) {
+    throw UserError("cannot open results file '" + path + "': " + errno_text() +
+                    ": create its directory or choose another --results path");
+  }
+  try {
+    struct stat status;
+    if (fstat(fd_, &status) != 0 || !S_ISREG(status.st_mode)) {
+      throw UserError("results file '" + path +
+                      "' is not a regular file: choose another --results path");
+    }
+    if (status.st_size == 0) return;
+    const std::string text = read_fd(fd_, path);
+    if (!resume) {
+      std::string holds;
+      try {
+        holds =
+            "holds " + std::to_string(parse_results_text(text, path).records.size()) + " trials";
+      } catch (const UserError&) {
+        holds = "is not empty";
+      }
+      throw UserError("results file '" + path + "' already " + holds +
+                      ": pass --resume to continue it or choose another --results path");
+    }
+    ParsedResults parsed = parse_results_text(text, path);
+    if (parsed.complete_bytes < text.size()) {
+      // Drop the torn line now: appending after it would turn it into a corrupt middle line.
+      if (ftruncate(fd_, off_t(parsed.complete_bytes)) != 0 || fdatasync(fd_) != 0) {
+        throw UserError("cannot truncate the torn last line of results file '" + path + "': " +
+                        errno_text() + ": check its permissions or choose another --results path");
+      }
+    }
+    existing_ = std::move(parsed.records);
+    for (const TrialRecord& record : existing_) keys_.insert(unit_key(record));
+  } catch (...) {
+    ::close(fd_);
+    fd_ = -1;
+    throw;
+  }
+}
+
+ResultsLog::~ResultsLog() {
+  if (fd_ >= 0) ::close(fd_);
+  if (created_ && !appended_) ::unlink(path_.c_str());
+}
+
+bool ResultsLog::has(const TrialRecord& unit) const {
+  const std::string key = unit_key(unit);
+  std::lock_guard<std::mutex> lock(mutex_);
+  return keys_.count(key) > 0;
+}
+
+void ResultsLog::append(const TrialRecord& record) {
+  const std::string line = dump_line(to_json(record)) + '\n';
+  std::string key = unit_key(record);
+  std::lock_guard<std::mutex> lock(mutex_);
+  struct stat status;
+  const bool have_size = fstat(fd_, &status) == 0;
+  if (!write_all(fd_, line.data(), line.size())) {
+    const std::string reason = errno_text();
+    // Remove a partial line (disk full) so the file stays valid for --resume even without it.
+    if (have_size) (void)ftruncate(fd_, status.st_size);
+    throw UserError("cannot append to results file '" + path_ + "': " + reason +
+                    ": free disk space or fix permissions, then rerun with --resume");
+  }
+  // Durable before the caller moves on, so that a power loss costs at most the trial in flight.
+  if (fdatasync(fd_) != 0) {
+    throw UserError("cannot sync results file '" + path_ + "': " + errno_text() +
+                    ": check the disk, then rerun with --resume");
+  }
+  appended_ = true;
+  keys_.insert(std::move(key));
+}
+
+std::vector<TrialRecord> read_results_file(const std::string& path) {
+  const int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
+  if (fd < 0) {
+    throw UserError("cannot open results file '" + path + "': " + errno_text() +
+                    ": check the path given with --results");
+  }
+  std::string text;
+  try {
+    text = read_fd(fd, path);
+  } catch (...) {
+    ::close(fd);
+    throw;
+  }
+  ::close(fd);
+  return parse_results_text(text, path).records;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Aggregation and tables.
+
+std::vector<TableRow> aggregate(const std::vector<TrialRecord>& records) {
+  struct Group {
+    size_t model_index;
+    double sigma;
+    std::vector<double> accuracy;
+    std::vector<std::vector<double>> exit_accuracy;
+  };
+  std::vector<std::string> models;  // first-appearance order
+  std::unordered_map<std::string, size_t> model_index;
+  std::unordered_map<std::string, double> clean_accuracy;
+  std::vector<Group> groups;
+  std::unordered_set<std::string> seen_units;
+
+  for (const TrialRecord& record : records) {
+    // The same unit twice (a log written by two runs) would weigh one chip double.
+    if (!seen_units.insert(unit_key(record)).second) continue;
+    auto [model_it, is_new] = model_index.emplace(record.model, models.size());
+    if (is_new) models.push_back(record.model);
+    if (record.trial == -1) {
+      clean_accuracy.emplace(record.model, record.accuracy);  // the first clean run counts
+      continue;
+    }
+    if (record.trial < 0) continue;
+    auto group = std::find_if(groups.begin(), groups.end(), [&](const Group& g) {
+      return g.model_index == model_it->second && g.sigma == record.sigma;
+    });
+    if (group == groups.end()) {
+      groups.push_back(Group{model_it->second, record.sigma, {}, {}});
+      group = groups.end() - 1;
+    }
+    // A NaN accuracy (a trial that saw no images) carries no information about the chip.
+    if (!std::isnan(record.accuracy)) group->accuracy.push_back(record.accuracy);
+    if (group->exit_accuracy.size() < record.exit_accuracy.size()) {
+      group->exit_accuracy.resize(record.exit_accuracy.size());
+    }
+    for (size_t e = 0; e < record.exit_accuracy.size(); ++e) {
+      if (!std::isnan(record.exit_accuracy[e])) {
+        group->exit_accuracy[e].push_back(record.exit_accuracy[e]);
+      }
+    }
+  }
+
+  std::stable_sort(groups.begin(), groups.end(), [](const Group& a, const Group& b) {
+    if (a.model_index != b.model_index) return a.model_index < b.model_index;
+    return a.sigma < b.sigma;
+  });
+  std::vector<TableRow> rows;
+  for (const Group& group : groups) {
+    TableRow row;
+    row.model = models[group.model_index];
+    row.sigma = group.sigma;
+    row.accuracy = summarize(group.accuracy);
+    for (const std::vector<double>& values : group.exit_accuracy) {
+      row.exit_accuracy.push_back(summarize(values));
+    }
+    auto clean = clean_accuracy.find(row.model);
+    if (clean != clean_accuracy.end()) row.clean_accuracy = clean->second;
+    rows.push_back(std::move(row));
+  }
+  return rows;
+}
+
+namespace {
+
+size_t max_exits(const std::vector<TableRow>& rows) {
+  size_t exits = 0;
+  for (const TableRow& row : rows) exits = std::max(exits, row.exit_accuracy.size());
+  return exits;
+}
+
+// Shortest decimal that reads back as the same double: the way sigma is written in the log.
+std::string round_trip(double value) {
+  return json(value).dump();
+}
+
+std::string two_decimals(double value) {
+  if (std::isnan(value)) return "–";
+  char buffer[64];
+  std::snprintf(buffer, sizeof buffer, "%.2f", value);
+  return buffer;
+}
+
+std::string markdown_cell(const std::string& text) {
+  std::string escaped;
+  for (char c : text) {
+    if (c == '|') escaped += '\\';
+    escaped += c == '\n' ? ' ' : c;
+  }
+  return escaped;
+}
+
+std::string format_markdown(const std::vector<TableRow>& rows) {
+  const size_t exits = max_exits(rows);
+  std::ostringstream out;
+  out << "| model | σ | trials | mean % | std | 95 % CI | min | max | clean % |";
+  for (size_t e = 0; e < exits; ++e) out << " exit " << e + 1 << " mean % |";
+  out << "\n|:--|--:|--:|--:|--:|:-:|--:|--:|--:|";
+  for (size_t e = 0; e < exits; ++e) out << "--:|";
+  out << "\n";
+  for (const TableRow& row : rows) {
+    const Summary& s = row.accuracy;
+    const std::string interval =
+        std::isnan(s.ci_low) ? "–" : two_decimals(s.ci_low) + " – " + two_decimals(s.ci_high);
+    out << "| " << markdown_cell(row.model) << " | " << round_trip(row.sigma) << " | " << s.n
+        << " | " << two_decimals(s.mean) << " | " << two_decimals(s.std) << " | " << interval
+        << " | " << two_decimals(s.min) << " | " << two_decimals(s.max) << " | "
+        << two_decimals(row.clean_accuracy) << " |";
+    for (size_t e = 0; e < exits; ++e) {
+      out << " " << (e < row.exit_accuracy.size() ? two_decimals(row.exit_accuracy[e].mean) : "–")
+          << " |";
+    }
+    out << "\n";
+  }
+  return out.str();
+}
+
+const char* const kSummaryFields[] = {"n",   "mean", "std",    "ci_low", "ci_high",
+                                      "min", "p05",  "median", "p95",    "max"};
+
+std::vector<double> summary_values(const Summary& s) {
+  return {double(s.n), s.mean, s.std, s.ci_low, s.ci_high, s.min, s.p05, s.median, s.p95, s.max};
+}
+
+std::string csv_number(double value) {
+  return std::isnan(value) ? "" : round_trip(value);
+}
+
+std::string csv_field(const std::string& text) {
+  if (text.find_first_of(",\"\r\n") == std::string::npos) return text;
+  std::string quoted = "\"";
+  for (char c : text) quoted += c == '"' ? std::string("\"\"") : std::string(1, c);
+  return quoted + "\"";
+}
+
+std::string format_csv(const std::vector<TableRow>& rows) {
+  const size_t exits = max_exits(rows);
+  std::ostringstream out;
+  out << "model,sigma,trials,mean,std,ci_low,ci_high,min,p05,median,p95,max,clean";
+  for (size_t e = 0; e < exits; ++e) {
+    for (const char* field : kSummaryFields) out << ",exit" << e + 1 << "_" << field;
+  }
+  out << "\n";
+  for (const TableRow& row : rows) {
+    out << csv_field(row.model) << "," << round_trip(row.sigma) << "," << row.accuracy.n;
+    const std::vector<double> values = summary_values(row.accuracy);
+    for (size_t i = 1; i < values.size(); ++i) out << "," << csv_number(values[i]);
+    out << "," << csv_number(row.clean_accuracy);
+    for (size_t e = 0; e < exits; ++e) {
+      if (e < row.exit_accuracy.size()) {
+        const std::vector<double> exit_values = summary_values(row.exit_accuracy[e]);
+        out << "," << row.exit_accuracy[e].n;
+        for (size_t i = 1; i < exit_values.size(); ++i) out << "," << csv_number(exit_values[i]);
+      } else {
+        out << std::string(std::size(kSummaryFields), ',');
+      }
+    }
+    out << "\n";
+  }
+  return out.str();
+}
+
+// Adds every Summary field to `object`, NaN as null.
+void add_summary_fields(const Summary& s, nlohmann::ordered_json& object) {
+  const std::vector<double> values = summary_values(s);
+  object["n"] = s.n;
+  for (size_t i = 1; i < values.size(); ++i) {
+    object[kSummaryFields[i]] =
+        std::isnan(values[i]) ? nlohmann::ordered_json(nullptr) : nlohmann::ordered_json(values[i]);
+  }
+}
+
+// One flat object per row (the accuracy summary's fields at the top level, so that scripts read
+// row["mean"]), with the per-exit summaries as an array of objects of the same fields.
+std::string format_json(const std::vector<TableRow>& rows) {
+  nlohmann::ordered_json array = nlohmann::ordered_json::array();
+  for (const TableRow& row : rows) {
+    nlohmann::ordered_json object;
+    object["model"] = row.model;
+    object["sigma"] = row.sigma;
+    object["trials"] = row.accuracy.n;
+    add_summary_fields(row.accuracy, object);
+    object["clean_accuracy"] = std::isnan(row.clean_accuracy)
+                                   ? nlohmann::ordered_json(nullptr)
+                                   : nlohmann::ordered_json(row.clean_accuracy);
+    object["exit_accuracy"] = nlohmann::ordered_json::array();
+    for (const Summary& exit : row.exit_accuracy) {
+      nlohmann::ordered_json exit_object;
+      add_summary_fields(exit, exit_object);
+      object["exit_accuracy"].push_back(std::move(exit_object));
+    }
+    array.push_back(std::move(object));
+  }
+  return array.dump(2, ' ', false, json::error_handler_t::replace) + "\n";
+}
+
+}  // namespace
+
+std::string format_table(const std::vector<TableRow>& rows, const std::string& format) {
+  if (format == "md") return format_markdown(rows);
+  if (format == "csv") return format_csv(rows);
+  if (format == "json") return format_json(rows);
+  throw UserError("unknown --format '" + format + "': use md, csv or json");
+}
+
+void write_file_atomically(const std::string& path, const std::string& text) {
+  // The temporary sits in the target's directory so that rename() replaces it in one step.
+  std::string temp_path = path + ".tmp-XXXXXX";
+  const int fd = mkstemp(temp_path.data());
+  if (fd < 0) {
+    throw UserError("cannot write '" + path + "': " + errno_text() +
+                    ": check that its directory exists and is writable");
+  }
+  std::string failure;  // strerror of the first step that failed
+  if (fchmod(fd, 0644) != 0 || !write_all(fd, text.data(), text.size()) || fsync(fd) != 0) {
+    failure = errno_text();
+  }
+  if (::close(fd) != 0 && failure.empty()) failure = errno_text();
+  if (failure.empty() && std::rename(temp_path.c_str(), path.c_str()) != 0) {
+    failure = errno_text();
+  }
+  if (!failure.empty()) {
+    ::unlink(temp_path.c_str());
+    throw UserError("cannot write '" + path + "': " + failure +
+                    ": check the path, free disk space and permissions");
+  }
+  sync_directory(parent_directory(path));
+}
+
+}  // namespace cimsweep

@@ -1,0 +1,99 @@
+// Trial records of a sweep, the crash-safe results log they are appended to, and the accuracy
+// tables aggregated from them.
+#pragma once
+#include <cmath>
+#include <cstdint>
+#include <mutex>
+#include <string>
+#include <unordered_set>
+#include <vector>
+
+#include <nlohmann/json.hpp>
+
+#include "host/stats.h"
+
+namespace cimsweep {
+
+// One Monte-Carlo trial (one simulated noisy chip) of one model at one noise level.
+struct TrialRecord {
+  std::string model;        // model label
+  std::string config_hash;  // hex string identifying everything but sigma and trial
+  double sigma = 0;
+  int trial = 0;  // trial index >= 0; -1 marks the clean reference run (sigma 0, ADC ideal)
+  uint64_t images = 0, correct = 0;
+  double accuracy = 0;                // percent
+  std::vector<double> exit_accuracy;  // percent per exit, empty for single-exit models
+  double seconds = 0;
+  nlohmann::json extra;  // free-form (backend, policy...), written if not null
+};
+
+// One JSON object per record. NaN accuracies or seconds are written as null and read back as NaN.
+nlohmann::json to_json(const TrialRecord& record);
+// Throws UserError on a missing or ill-typed field; exit_accuracy and extra are optional.
+TrialRecord trial_from_json(const nlohmann::json& json);
+// Identity of a work unit: (model, config_hash, sigma, trial). sigma is compared exactly as
+// written, i.e. by its shortest round-trip decimal, so a record read back has the same key.
+std::string unit_key(const TrialRecord& record);
+
+// Append-only JSON Lines file of trial records that survives kill -9 at any moment: every record
+// goes out as one write() of a full line with O_APPEND followed by fdatasync, so a crash can only
+// leave a torn last line, which the next resume drops.
+class ResultsLog {
+ public:
+  // resume == false: the file must not exist or be empty, else UserError.
+  // resume == true: reads the existing records; a torn last line (no trailing newline, or not
+  // parseable JSON as the last line) is dropped and the file truncated to the last complete line;
+  // a corrupt line that is not last is a UserError naming file and line number. Of records with
+  // the same unit key the first is kept.
+  ResultsLog(const std::string& path, bool resume);
+  // If this object created the file and nothing was appended, removes it, so that a run that
+  // fails before its first trial leaves no empty file that would need --resume.
+  ~ResultsLog();
+  ResultsLog(const ResultsLog&) = delete;
+  ResultsLog& operator=(const ResultsLog&) = delete;
+
+  // The records that were in the file when it was opened (deduplicated, file order).
+  const std::vector<TrialRecord>& existing() const { return existing_; }
+  // Whether the unit is among the existing records or was appended through this object.
+  bool has(const TrialRecord& unit) const;
+  // Appends one record durably; thread-safe. Throws UserError when the write fails (disk full...).
+  void append(const TrialRecord& record);
+  const std::string& path() const { return path_; }
+
+ private:
+  std::string path_;
+  int fd_ = -1;
+  bool created_ = false;   // this object created the file
+  bool appended_ = false;  // at least one record was appended
+  std::vector<TrialRecord> existing_;
+  std::unordered_set<std::string> keys_;  // unit keys of existing and appended records
+  mutable std::mutex mutex_;              // guards fd_ writes, appended_ and keys_
+};
+
+// Reads a results file with the same torn-line rules as ResultsLog, without modifying it.
+std::vector<TrialRecord> read_results_file(const std::string& path);
+
+// One line of the accuracy table: all trials of one model at one sigma.
+struct TableRow {
+  std::string model;
+  double sigma = 0;
+  Summary accuracy;                    // over trials >= 0 of (model, sigma)
+  std::vector<Summary> exit_accuracy;  // per exit, if any
+  double clean_accuracy = NAN;         // from the trial == -1 record of that model, if present
+};
+
+// Groups records by (model, sigma) in first-appearance order of models, then ascending sigma.
+// Clean reference records (trial -1) only provide clean_accuracy; they make no row themselves.
+std::vector<TableRow> aggregate(const std::vector<TrialRecord>& records);
+
+// format "md": Markdown table for people (2 decimals, "–" for NaN); "csv": header line, full
+// precision, empty fields for NaN; "json": array of flat objects {model, sigma, trials, every
+// Summary field of the accuracy, clean_accuracy, exit_accuracy: [{Summary fields}...]}, NaN null.
+// Throws UserError on any other format.
+std::string format_table(const std::vector<TableRow>& rows, const std::string& format);
+
+// Writes text to path atomically: temp file in the same directory, fsync, rename, so readers
+// never see a half-written table. Throws UserError on failure.
+void write_file_atomically(const std::string& path, const std::string& text);
+
+}  // namespace cimsweep

@@ -1,0 +1,151 @@
+#include "host/sweep_spec.h"
+
+#include <cmath>
+#include <filesystem>
+#include <set>
+
+#include <toml++/toml.h>
+
+#include "host/errors.h"
+
+namespace cimsweep {
+namespace fs = std::filesystem;
+
+std::string default_label(const std::string& model_path) {
+  return fs::path(model_path).stem().string();
+}
+
+namespace {
+
+std::string resolve(const fs::path& base, const std::string& p) {
+  if (p.empty() || fs::path(p).is_absolute()) return p;
+  return (base / p).lexically_normal().string();
+}
+
+std::string value_text(const toml::node& node, const std::string& where) {
+  if (auto s = node.value<std::string>()) return *s;
+  if (node.is_integer()) return std::to_string(*node.value<int64_t>());
+  if (node.is_floating_point()) {
+    const double v = *node.value<double>();
+    if (std::isinf(v)) return "inf";
+    char buf[64];
+    std::snprintf(buf, sizeof buf, "%.17g", v);
+    return buf;
+  }
+  if (auto b = node.value<bool>()) return *b ? "true" : "false";
+  if (const toml::array* a = node.as_array()) {
+    std::string joined;
+    for (const auto& item : *a) joined += (joined.empty() ? "" : ",") + value_text(item, where);
+    return joined;
+  }
+  throw UserError(where + " has a value of an unsupported type");
+}
+
+}  // namespace
+
+SweepPlan read_sweep_spec(const std::string& path) {
+  if (!fs::exists(path))
+    throw UserError("sweep file '" + path +
+                    "' does not exist: pass --spec with a file from sweeps/");
+  toml::table table;
+  try {
+    table = toml::parse_file(path);
+  } catch (const toml::parse_error& e) {
+    throw UserError("sweep file '" + path + "' is not valid TOML (line " +
+                    std::to_string(e.source().begin.line) + ": " + std::string(e.description()) +
+                    ")");
+  }
+  const fs::path base = fs::path(path).parent_path();
+  SweepPlan plan;
+  plan.name = default_label(path);
+  static const std::set<std::string> known = {"name",        "data",   "split", "limit", "trials",
+                                              "first_trial", "sigmas", "clean", "cim",   "models"};
+  for (const auto& [key, node] : table) {
+    const std::string k(key.str());
+    if (!known.count(k))
+      throw UserError("sweep file '" + path + "': unknown key '" + k +
+                      "' (known: name, data, split, limit, trials, first_trial, sigmas, clean, "
+                      "[cim], [[models]])");
+  }
+  auto fail = [&](const std::string& m) -> void {
+    throw UserError("sweep file '" + path + "': " + m);
+  };
+  if (auto v = table["name"].value<std::string>()) plan.name = *v;
+  if (auto v = table["data"].value<std::string>()) plan.data_path = resolve(base, *v);
+  if (auto v = table["split"].value<std::string>()) plan.split = *v;
+  if (table.contains("limit")) {
+    auto v = table["limit"].value<int64_t>();
+    if (!v || *v < 0) fail("limit must be a non-negative integer");
+    plan.limit = size_t(*v);
+  }
+  if (table.contains("trials")) {
+    auto v = table["trials"].value<int64_t>();
+    if (!v) fail("trials must be an integer");
+    plan.trials = int(*v);
+  }
+  if (table.contains("first_trial")) {
+    auto v = table["first_trial"].value<int64_t>();
+    if (!v) fail("first_trial must be an integer");
+    plan.first_trial = int(*v);
+  }
+  if (table.contains("clean")) {
+    auto v = table["clean"].value<bool>();
+    if (!v) fail("clean must be true or false");
+    plan.clean_reference = *v;
+  }
+  if (table.contains("sigmas")) {
+    const toml::array* sigmas = table["sigmas"].as_array();
+    if (!sigmas) fail("sigmas must be an array of numbers, e.g. [0, 0.05, 0.1]");
+    for (const auto& s : *sigmas) {
+      auto v = s.value<double>();
+      if (!v) fail("sigmas must hold numbers only");
+      plan.sigmas.push_back(*v);
+    }
+  }
+  if (table.contains("cim")) {
+    const toml::table* cim = table["cim"].as_table();
+    if (!cim) fail("[cim] must be a table of CIM options");
+    for (const auto& [key, node] : *cim) {
+      const std::string name(key.str());
+      try {
+        set_cim_option(plan.cim, name, value_text(node, "[cim] " + name));
+      } catch (const UserError& e) {
+        fail(std::string("[cim]: ") + e.what());
+      }
+    }
+  }
+  if (table.contains("models")) {
+    const toml::array* models = table["models"].as_array();
+    if (!models) fail("models must be an array of tables: [[models]] with path = \"…\"");
+    for (const auto& m : *models) {
+      const toml::table* entry = m.as_table();
+      if (!entry || !(*entry)["path"].value<std::string>()) fail("every [[models]] needs a path");
+      SweepModel model;
+      model.path = resolve(base, *(*entry)["path"].value<std::string>());
+      model.label = (*entry)["label"].value_or(default_label(model.path));
+      plan.models.push_back(model);
+    }
+  }
+  return plan;
+}
+
+void validate_plan(const SweepPlan& plan) {
+  if (plan.models.empty())
+    throw UserError("no model to run: give a model file (or [[models]] in the sweep file)");
+  std::set<std::string> labels;
+  for (const auto& m : plan.models)
+    if (!labels.insert(m.label).second)
+      throw UserError("two models share the label '" + m.label + "': give each a distinct label");
+  if (plan.sigmas.empty())
+    throw UserError("no σ to run: give --sigma or --sigmas (e.g. 0,0.05,0.1)");
+  for (double s : plan.sigmas)
+    if (!(s >= 0) || !std::isfinite(s))
+      throw UserError("σ = " + std::to_string(s) + " is impossible: σ must be a finite number ≥ 0");
+  if (plan.trials < 1) throw UserError("--trials must be at least 1");
+  if (plan.first_trial < 0) throw UserError("--first-trial must be ≥ 0");
+  if (plan.split != "test" && plan.split != "train")
+    throw UserError("unknown --split '" + plan.split + "': use test or train");
+  plan.cim.validate();
+}
+
+}  // namespace cimsweep

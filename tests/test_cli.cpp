@@ -1,0 +1,196 @@
+// The command line end to end on a tiny model and data written here: tables parse, --resume after
+// an interrupted results file gives the uninterrupted table, and bad input gives one clear line.
+#include <gtest/gtest.h>
+
+#include <filesystem>
+#include <fstream>
+#include <random>
+#include <sstream>
+#include <string>
+#include <vector>
+
+#include <nlohmann/json.hpp>
+
+#include "tests/test_util.h"
+
+namespace {
+
+using cimsweep::testing::run_cimsweep;
+using cimsweep::testing::TempDir;
+
+const std::string kModel = std::string(CIMSWEEP_SOURCE_DIR) +
+                           "/tests/data/golden_resnet8_k5_w3_11x13_shortcutB_exits.safetensors";
+const std::string kRgbModel =
+    std::string(CIMSWEEP_SOURCE_DIR) + "/tests/data/golden_resnet8_k3_w4_rgb_shortcutA.safetensors";
+
+void put_be32(std::ofstream& out, uint32_t v) {
+  const unsigned char b[4] = {uint8_t(v >> 24), uint8_t(v >> 16), uint8_t(v >> 8), uint8_t(v)};
+  out.write(reinterpret_cast<const char*>(b), 4);
+}
+
+// 42 grey 11×13 images of 7 classes, as the IDX files of an MNIST-style test split.
+void write_idx_data(const std::string& dir, uint32_t seed) {
+  std::mt19937 rng(seed);
+  const int count = 42, h = 11, w = 13;
+  std::ofstream images(dir + "/t10k-images-idx3-ubyte", std::ios::binary);
+  put_be32(images, 0x803);
+  put_be32(images, count);
+  put_be32(images, h);
+  put_be32(images, w);
+  for (int i = 0; i < count * h * w; ++i) images.put(char(rng() & 0xff));
+  std::ofstream labels(dir + "/t10k-labels-idx1-ubyte", std::ios::binary);
+  put_be32(labels, 0x801);
+  put_be32(labels, count);
+  for (int i = 0; i < count; ++i) labels.put(char(i % 7));
+}
+
+std::vector<std::string> lines(const std::string& text) {
+  std::vector<std::string> out;
+  std::stringstream ss(text);
+  for (std::string line; std::getline(ss, line);) out.push_back(line);
+  return out;
+}
+
+class Cli : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    write_idx_data(dir.path(), cimsweep::testing::test_seed(4242));
+    common = kModel + " --data " + dir.path() + " --quiet --batch 16";
+  }
+  TempDir dir;
+  std::string common;
+};
+
+TEST_F(Cli, SweepPrintsATableThatParsesWithEveryRowAndTheCleanAccuracy) {
+  const auto r =
+      run_cimsweep("sweep " + common + " --format json --sigmas 0,0.1 --trials 2 --results " +
+                   dir.file("r.jsonl"));
+  ASSERT_EQ(r.exit_code, 0) << r.err;
+  const auto table = nlohmann::json::parse(r.out);
+  ASSERT_EQ(table.size(), 2u);
+  for (const auto& row : table) {
+    EXPECT_EQ(row.at("trials").get<int>(), 2) << row.dump();
+    EXPECT_TRUE(row.at("clean_accuracy").is_number()) << row.dump();
+    EXPECT_GE(row.at("mean").get<double>(), 0.0);
+  }
+  // The results file: one clean record + 2 σ × 2 trials, each a complete JSON object.
+  const auto records = lines(cimsweep::testing::read_text(dir.file("r.jsonl")));
+  ASSERT_EQ(records.size(), 5u);
+  for (const auto& line : records) {
+    const auto j = nlohmann::json::parse(line);
+    for (const char* key :
+         {"model", "sigma", "trial", "accuracy", "exit_accuracy", "seconds", "config_hash"})
+      EXPECT_TRUE(j.contains(key)) << key << " missing in " << line;
+    EXPECT_EQ(j.at("exit_accuracy").size(), 3u);
+  }
+  // The backend notice is the only thing on stderr when it is not a terminal.
+  EXPECT_EQ(lines(r.err).size(), 1u) << r.err;
+  EXPECT_NE(r.err.find("CPU backend"), std::string::npos) << r.err;
+}
+
+TEST_F(Cli, ResumeAfterATornResultsFileGivesTheUninterruptedTable) {
+  const std::string args = "sweep " + common + " --sigmas 0.05,0.2 --trials 3 --format csv";
+  const auto whole = run_cimsweep(args + " --results " + dir.file("whole.jsonl"));
+  ASSERT_EQ(whole.exit_code, 0) << whole.err;
+  // An interrupted run: three complete records and half of the fourth.
+  const auto records = lines(cimsweep::testing::read_text(dir.file("whole.jsonl")));
+  ASSERT_EQ(records.size(), 7u);
+  std::string partial = records[0] + "\n" + records[1] + "\n" + records[2] + "\n" +
+                        records[3].substr(0, records[3].size() / 2);
+  cimsweep::testing::write_text(dir.file("part.jsonl"), partial);
+  const auto resumed = run_cimsweep(args + " --results " + dir.file("part.jsonl") + " --resume");
+  ASSERT_EQ(resumed.exit_code, 0) << resumed.err;
+  EXPECT_EQ(resumed.out, whole.out);
+  const auto after = lines(cimsweep::testing::read_text(dir.file("part.jsonl")));
+  EXPECT_EQ(after.size(), 7u) << "every unit exactly once";
+  // Resuming a finished file runs nothing and prints the same table again.
+  const auto again = run_cimsweep(args + " --results " + dir.file("part.jsonl") + " --resume");
+  EXPECT_EQ(again.out, whole.out);
+  EXPECT_EQ(lines(cimsweep::testing::read_text(dir.file("part.jsonl"))).size(), 7u);
+}
+
+// The same seed gives the same chips, whatever the thread count (the seed's effect on every
+// cell is checked in test_noise).
+TEST_F(Cli, SameSeedSameResultsForOneAndTwoThreads) {
+  const std::string args =
+      "eval " + common + " --format csv --sigma 0.15 --trials 2 --adc fixed --no-clean";
+  const auto a = run_cimsweep(args + " --threads 2");
+  const auto b = run_cimsweep(args + " --threads 1");
+  ASSERT_EQ(a.exit_code, 0) << a.err;
+  EXPECT_EQ(a.out, b.out);
+}
+
+TEST_F(Cli, SweepFileWithRelativePaths) {
+  std::filesystem::create_directory(dir.file("data"));
+  write_idx_data(dir.file("data"), 7);
+  std::filesystem::copy_file(kModel, dir.file("m.safetensors"));
+  cimsweep::testing::write_text(dir.file("s.toml"), R"(
+name = "tiny"
+data = "data"
+trials = 2
+sigmas = [0.0, 0.1]
+[cim]
+adc = "fixed"
+adc-bits = 8
+batch = 10
+[[models]]
+path = "m.safetensors"
+label = "tiny-net"
+)");
+  const auto r = run_cimsweep("sweep --spec " + dir.file("s.toml") + " --quiet --format json");
+  ASSERT_EQ(r.exit_code, 0) << r.err;
+  const auto table = nlohmann::json::parse(r.out);
+  ASSERT_EQ(table.size(), 2u);
+  EXPECT_EQ(table[0].at("model"), "tiny-net");
+  const auto bad = run_cimsweep("sweep --spec " + dir.file("nope.toml"));
+  EXPECT_NE(bad.exit_code, 0);
+  cimsweep::testing::write_text(dir.file("bad.toml"), "trials = 2\nsigmaz = [0.1]\n");
+  const auto unknown = run_cimsweep("sweep --spec " + dir.file("bad.toml"));
+  EXPECT_NE(unknown.exit_code, 0);
+  EXPECT_NE(unknown.err.find("sigmaz"), std::string::npos) << unknown.err;
+}
+
+struct BadInput {
+  const char* what;
+  std::string args;
+  const char* expect_in_message;
+};
+
+TEST_F(Cli, BadInputGivesOneClearLineAndNoFileLeftBehind) {
+  const std::string data = " --data " + dir.path() + " --quiet";
+  const std::string out = " --output " + dir.file("table.md") + " --results " + dir.file("r.jsonl");
+  const BadInput cases[] = {
+      {"missing model", "eval /no/such/model.safetensors" + data + out,
+       "/no/such/model.safetensors"},
+      {"missing data", "eval " + kModel + " --data /no/such/data --quiet" + out, "/no/such/data"},
+      {"negative sigma", "eval " + kModel + data + " --sigma -0.1" + out, "σ"},
+      {"bits that do not divide", "eval " + kModel + data + " --cell-bits 3" + out, "divide"},
+      {"unknown adc", "eval " + kModel + data + " --adc magic" + out, "magic"},
+      {"unknown mapping", "eval " + kModel + data + " --mapping diagonal" + out, "diagonal"},
+      {"impossible on/off ratio", "eval " + kModel + data + " --onoff 0.5" + out, "onoff"},
+      {"channel mismatch", "eval " + kRgbModel + data + out, "channel"},
+      {"sigma list with a typo", "sweep " + kModel + data + " --sigmas 0,0.x" + out, "0.x"},
+      {"unknown digital layer", "eval " + kModel + data + " --digital-layers conv9" + out, "conv9"},
+      {"resume without results", "eval " + kModel + data + " --resume", "--results"},
+      {"corrupt model", "eval " + dir.file("t10k-labels-idx1-ubyte") + data + out, "t10k-labels"},
+  };
+  for (const BadInput& c : cases) {
+    const auto r = run_cimsweep(c.args);
+    EXPECT_NE(r.exit_code, 0) << c.what;
+    EXPECT_EQ(r.out, "") << c.what;
+    EXPECT_EQ(lines(r.err).size(), 1u) << c.what << ": " << r.err;
+    EXPECT_NE(r.err.find(c.expect_in_message), std::string::npos) << c.what << ": " << r.err;
+    EXPECT_FALSE(std::filesystem::exists(dir.file("table.md"))) << c.what;
+    EXPECT_FALSE(std::filesystem::exists(dir.file("r.jsonl"))) << c.what;
+  }
+}
+
+TEST(CliInfo, PrintsArchitectureParametersAndCrossbarUsage) {
+  const auto r = run_cimsweep("info " + kModel);
+  ASSERT_EQ(r.exit_code, 0) << r.err;
+  EXPECT_NE(r.out.find("ResNet-8"), std::string::npos);
+  EXPECT_NE(r.out.find("parameters:  8082"), std::string::npos) << r.out;
+  EXPECT_NE(r.out.find("| 13 | fc |"), std::string::npos) << r.out;
+}
+
+}  // namespace

@@ -1,0 +1,37 @@
+// Shared test helpers: a scratch directory removed at the end, printed seeds, running the CLI.
+#pragma once
+#include <cstdint>
+#include <random>
+#include <string>
+
+namespace cimsweep::testing {
+
+// A fresh directory under $TMPDIR (or /tmp), removed with its contents on destruction.
+class TempDir {
+ public:
+  TempDir();
+  ~TempDir();
+  TempDir(const TempDir&) = delete;
+  TempDir& operator=(const TempDir&) = delete;
+  const std::string& path() const { return path_; }
+  std::string file(const std::string& name) const { return path_ + "/" + name; }
+
+ private:
+  std::string path_;
+};
+
+// A fixed seed per test, printed so that a failure can be replayed: CIMSWEEP_TEST_SEED overrides.
+uint32_t test_seed(uint32_t default_seed);
+
+struct CommandResult {
+  int exit_code = -1;
+  std::string out;  // stdout
+  std::string err;  // stderr
+};
+// Runs the cimsweep binary built with the tests, with `args` passed through the shell.
+CommandResult run_cimsweep(const std::string& args);
+
+std::string read_text(const std::string& path);
+void write_text(const std::string& path, const std::string& text);
+
+}  // namespace cimsweep::testing

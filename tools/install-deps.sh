@@ -1,0 +1,29 @@
+#!/usr/bin/env bash
+# Installs everything cimsweep needs to build, test and run its default job, from Debian's
+# packages. Safe to run again. The CUDA toolkit (optional) is not installed here: the build uses
+# it when /usr/local/cuda/bin/nvcc exists.
+set -euo pipefail
+
+packages=(
+  build-essential cmake pkg-config git
+  libcli11-dev nlohmann-json3-dev libtomlplusplus-dev   # command line, JSON, sweep files
+  libstb-dev zlib1g-dev                                  # images, IDX.gz
+  librandom123-dev                                       # Philox noise streams
+  libopenblas-dev                                        # GEMMs of the CPU backend (+ OpenMP via gcc)
+  libgtest-dev libgmock-dev                              # tests
+  dataset-fashion-mnist                                  # the default data set
+)
+
+sudo=""
+if [ "$(id -u)" -ne 0 ]; then sudo="sudo"; fi
+missing=()
+for p in "${packages[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if [ "${#missing[@]}" -eq 0 ]; then
+  echo "install-deps: all ${#packages[@]} packages already installed"
+  exit 0
+fi
+echo "install-deps: installing ${missing[*]}"
+$sudo apt-get update -qq
+DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends "${missing[@]}"
