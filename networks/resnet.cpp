@@ -42,11 +42,10 @@ Activation global_average_pool(const Activation& x) {
   return y;
 }
 
-// Option A: subsample by the stride, then zero channels split evenly before and after.
-Activation identity_shortcut(const Activation& x, int out_channels, int stride) {
+// Option A: subsample by the stride, then zero channels before (`before` of them) and after.
+Activation identity_shortcut(const Activation& x, int out_channels, int stride, int before) {
   const int oh = (x.h + stride - 1) / stride, ow = (x.w + stride - 1) / stride;
   Activation y(x.n, out_channels, oh, ow);
-  const int before = (out_channels - x.c) / 2;
   for (int img = 0; img < x.n; ++img)
     for (int c = 0; c < x.c; ++c)
       for (int i = 0; i < oh; ++i)
@@ -79,6 +78,8 @@ void ResNetArch::validate() const {
   if (input_height < 4 || input_width < 4) fail("architecture input_size must be at least 4×4");
   if (num_classes < 2) fail("architecture num_classes must be at least 2");
   if (shortcut != 'A' && shortcut != 'B') fail("architecture shortcut must be \"A\" or \"B\"");
+  if (shortcut_padding != "split" && shortcut_padding != "after")
+    fail("architecture shortcut_padding '" + shortcut_padding + "' must be \"split\" or \"after\"");
   for (int e : exits)
     if (e != 1 && e != 2) fail("architecture exits may only name stages 1 and 2");
   if (exit_head.type != "conv" && exit_head.type != "pool")
@@ -96,6 +97,7 @@ nlohmann::json ResNetArch::to_json() const {
                    {"input_size", {input_height, input_width}},
                    {"num_classes", num_classes},
                    {"shortcut", std::string(1, shortcut)},
+                   {"shortcut_padding", shortcut_padding},
                    {"exits", exits}};
   if (exit_head.type == "conv")
     j["exit_head"] = {{"type", "conv"},
@@ -125,6 +127,7 @@ ResNetArch ResNetArch::from_json(const nlohmann::json& j) {
     a.num_classes = j.value("num_classes", 10);
     const std::string shortcut = j.value("shortcut", std::string("A"));
     a.shortcut = shortcut.size() == 1 ? shortcut[0] : '?';
+    a.shortcut_padding = j.value("shortcut_padding", std::string("split"));
     a.exits = j.value("exits", std::vector<int>{});
     if (j.contains("exit_head")) {
       const auto& h = j.at("exit_head");
@@ -320,7 +323,9 @@ std::vector<std::vector<float>> ResNet::forward(const float* images, int n, CimB
   auto shortcut = [&](const Block& block, const Activation& in) {
     if (block.projection) return conv_norm(block.shortcut, in, false);
     if (block.stride == 1 && block.in_channels == block.out_channels) return in;
-    return identity_shortcut(in, block.out_channels, block.stride);
+    const int extra = block.out_channels - block.in_channels;
+    return identity_shortcut(in, block.out_channels, block.stride,
+                             arch_.shortcut_padding == "split" ? extra / 2 : 0);
   };
   auto residual_block = [&](const Block& block, const Activation& in) {
     Activation y = conv_norm(block.conv2, conv_norm(block.conv1, in, true), false);

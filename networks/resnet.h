@@ -30,6 +30,9 @@ struct ResNetArch {
   int input_height = 32, input_width = 32;
   int num_classes = 10;
   char shortcut = 'A';
+  // Option A's zero channels: "split" evenly before and after the identity channels (Idelbayev's
+  // CIFAR ResNet), or all "after" them (F.pad(x, (0, 0, 0, 0, 0, extra))).
+  std::string shortcut_padding = "split";
   std::vector<int> exits;  // subset of {1, 2}
   ExitHeadSpec exit_head;
 

@@ -103,8 +103,24 @@ TEST(ResNet, KeepAllMaskEqualsNoMaskAndSkippingChangesOnlySkippedImages) {
   }
 }
 
-std::map<std::string, Tensor> tensors_of(const std::string& path) {
-  return read_safetensors(path).tensors;
+// Option A's zero channels "after" the identity ones is a different network from "split".
+TEST(ResNet, ShortcutPaddingLayoutMatters) {
+  Golden g = load_golden(kGoldenModels[0]);
+  const SafetensorsFile file = read_safetensors(kGoldenDir + kGoldenModels[0] + ".safetensors");
+  ResNetArch arch = g.model.network->arch();
+  ASSERT_EQ(arch.shortcut, 'A');
+  arch.shortcut_padding = "after";
+  std::map<std::string, float> ranges;
+  for (const CimLayerSpec& l : g.model.network->cim_layers()) ranges[l.name] = l.input_range;
+  const ResNet after(arch, file.tensors, ranges);
+  CimConfig config;
+  config.adc = AdcMode::kIdeal;
+  CpuCimBackend backend(after.cim_layers(), config);
+  const auto split_logits = g.model.network->forward(g.images.data(), g.count, backend);
+  const auto after_logits = after.forward(g.images.data(), g.count, backend);
+  EXPECT_NE(split_logits, after_logits);
+  arch.shortcut_padding = "middle";
+  EXPECT_THROW(arch.validate(), UserError);
 }
 
 TEST(ResNet, MissingOrMisshapenTensorsAreClearErrors) {
