@@ -124,11 +124,13 @@ void CpuCimBackend::program_chip(uint32_t trial, double sigma) {
   for (const QuantisedLayer& layer : layers_) {
     if (layer.digital) continue;
     chip_[layer.index].resize(layer.subarrays());
-    for (int s = 0; s < layer.subarrays(); ++s) program_subarray(layer.index, s, 0);
+    for (int s = 0; s < layer.subarrays(); ++s)
+      program_subarray(layer.index, s, 0, chip_[layer.index][s]);
   }
 }
 
-void CpuCimBackend::program_subarray(int index, int s, uint32_t read) {
+void CpuCimBackend::program_subarray(int index, int s, uint32_t read,
+                                     std::vector<float>& operand) const {
   const QuantisedLayer& layer = layers_[index];
   const int outs = layer.spec.out_channels, rows = layer.spec.rows();
   const int slices = config_.cells_per_weight(), cell_bits = config_.cell_bits;
@@ -136,7 +138,6 @@ void CpuCimBackend::program_subarray(int index, int s, uint32_t read) {
   const int ref_rows = reference_rows(config_, sigma_);
   const double inv_onoff = config_.inv_onoff();
   const bool clean = sigma_ == 0;
-  std::vector<float>& operand = chip_[index][s];
   operand.assign(size_t(slices * outs + ref_rows) * width, 0.0f);
   const double g_ref = cim::reference_conductance(cell_bits, inv_onoff);
 
@@ -308,10 +309,11 @@ void chunk_ranges_for(const ReadContext& ctx, const float* p, int ld, int cols, 
     double mn = std::numeric_limits<double>::infinity(), mx = -mn;
     for (int o = 0; o < ctx.outs; ++o) {
       const float* row = p + size_t(m * ctx.outs + o) * ld;
+#pragma omp simd reduction(min : mn) reduction(max : mx)
       for (int q = 0; q < cols; ++q) {
         const double v = partial(row[q], counts[q]);
-        mn = v < mn ? v : mn;
-        mx = v > mx ? v : mx;
+        mn = std::min(mn, v);
+        mx = std::max(mx, v);
       }
     }
     lo[m] = mn;
@@ -337,12 +339,34 @@ void chunk_ranges(const ReadContext& ctx, const float* p, int ld, int cols, doub
 
 // acc[q] += place·gain·(Q(P[q]) − Q(Pref)[q]) over one output row: the hot loop of the CPU
 // backend, instantiated per ADC kind so that it vectorises.
-template <bool kClean, class Adc>
-void accumulate_row(const PartialSum<kClean>& partial, const Adc& adc, const float* row,
-                    const float* counts, const double* ref_codes, double place, double gain,
-                    double* out, int cols) {
+template <bool kClean, class Quantise>
+void accumulate_row(const PartialSum<kClean>& partial, const Quantise& quantise,
+                    const float* __restrict row, const float* __restrict counts,
+                    const double* __restrict ref_codes, double place, double gain,
+                    double* __restrict out, int cols) {
+#pragma omp simd
   for (int q = 0; q < cols; ++q)
-    out[q] += place * (gain * (adc(partial(row[q], counts[q])) - ref_codes[q]));
+    out[q] += place * (gain * (quantise(partial(row[q], counts[q])) - ref_codes[q]));
+}
+
+// Calls `body` with the branch-free form of the ADC of one read.
+template <class Body>
+void with_quantiser(const cim::DynamicAdc& adc, const Body& body) {
+  if (adc.identity)
+    body(cim::IdealAdc());
+  else
+    body([adc](double x) { return adc.quantise(x); });
+}
+template <class Body>
+void with_quantiser(const cim::FixedAdc& adc, const Body& body) {
+  if (adc.step > 0.0)
+    body([adc](double x) { return adc.quantise(x); });
+  else
+    body([](double) { return 0.0; });
+}
+template <class Body>
+void with_quantiser(const cim::IdealAdc& adc, const Body& body) {
+  body(adc);
 }
 
 template <bool kClean, class MakeAdc>
@@ -363,11 +387,12 @@ double accumulate_chunk_for(const ReadContext& ctx, const MakeAdc& make_adc, con
   }
   for (int m = 0; m < ctx.slices; ++m) {
     const double place = std::ldexp(1.0, bit + ctx.cell_bits * m);
-    const auto adc = make_adc(ctx.lo[m], ctx.hi[m]);
-    for (int o = 0; o < ctx.outs; ++o)
-      accumulate_row(partial, adc, p + size_t(m * ctx.outs + o) * ld, counts,
-                     ref_codes.data() + size_t(m) * cols, place, ctx.gain, acc + size_t(o) * acc_ld,
-                     cols);
+    with_quantiser(make_adc(ctx.lo[m], ctx.hi[m]), [&](const auto& quantise) {
+      for (int o = 0; o < ctx.outs; ++o)
+        accumulate_row(partial, quantise, p + size_t(m * ctx.outs + o) * ld, counts,
+                       ref_codes.data() + size_t(m) * cols, place, ctx.gain,
+                       acc + size_t(o) * acc_ld, cols);
+    });
   }
   return largest;
 }
@@ -451,76 +476,97 @@ void CpuCimBackend::run_cim(const QuantisedLayer& layer, const std::vector<uint1
   ctx.gain = cim::recombination_gain(ctx.inv_onoff);
   ctx.full_scale = layer.adc_full_scale;
 
-  std::vector<float> partials;  // dynamic ADC: the whole read, [operand_rows][npos]
-  if (dynamic) partials.resize(size_t(operand_rows) * npos);
-  std::vector<double> chunk_lo(size_t(chunks) * slices), chunk_hi(chunk_lo.size());
-  std::vector<double> chunk_ref_lo(chunk_lo.size()), chunk_ref_hi(chunk_lo.size());
-  std::vector<double> lo(slices), hi(slices), ref_lo(slices), ref_hi(slices);
-  ctx.lo = lo.data();
-  ctx.hi = hi.data();
-  ctx.ref_lo = ref_lo.data();
-  ctx.ref_hi = ref_hi.data();
-  int max_width = 0;
-  for (int s = 0; s < layer.subarrays(); ++s)
-    max_width = std::max(max_width, layer.subarray_begin[s + 1] - layer.subarray_begin[s]);
-  double largest = 0;
+  const int subarrays = layer.subarrays(), input_bits = config_.input_bits;
+  const int reads = subarrays * input_bits;  // reads per cell slice
+  // Mode `cycle` draws every read's conductances afresh: program them all up front, so that the
+  // chunks below can run every read on their own.
+  std::vector<std::vector<float>> read_operands;
+  if (cycle) {
+    read_operands.resize(reads);
+    for (int s = 0; s < subarrays; ++s)
+      for (int bit = 0; bit < input_bits; ++bit)
+        program_subarray(layer.index, s, 1 + batch_index_ * input_bits + bit,
+                         read_operands[s * input_bits + bit]);
+  }
+  const std::vector<std::vector<float>>& operands = chip_[layer.index];
 
-  // One parallel region per layer; every read is a work-shared loop over the position chunks.
-#pragma omp parallel if (chunks > 1) reduction(max : largest)
-  {
-    std::vector<float> bits(size_t(max_width) * kChunk);
-    std::vector<float> local(dynamic ? 0 : size_t(operand_rows) * kChunk);
-    std::vector<double> ref_codes;
-    for (int s = 0; s < layer.subarrays(); ++s) {
-      const int r0 = layer.subarray_begin[s], width = layer.subarray_begin[s + 1] - r0;
-      for (int bit = 0; bit < config_.input_bits; ++bit) {
-#pragma omp single
-        {
-          ctx.subarray_rows = width;
-          if (cycle) program_subarray(layer.index, s, 1 + batch_index_ * config_.input_bits + bit);
-        }
-        const float* operand = chip_[layer.index][s].data();
+  // Each chunk of output positions runs all its reads while its partial sums and accumulators
+  // stay in cache. Per read: the bit plane, then one GEMM over all cell slices and the reference.
+  auto gemm_read = [&](int s, int bit, int n0, int cols, std::vector<float>& bits, float* p) {
+    const int r0 = layer.subarray_begin[s], width = layer.subarray_begin[s + 1] - r0;
+    for (int k = 0; k < width; ++k) {
+      const uint16_t* src = mapped.data() + size_t(r0 + k) * npos + n0;
+      float* dst = bits.data() + size_t(k) * cols;
+      for (int q = 0; q < cols; ++q) dst[q] = float((src[q] >> bit) & 1);
+    }
+    const float* operand = cycle ? read_operands[s * input_bits + bit].data() : operands[s].data();
+    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, operand_rows, cols, width, 1.0f, operand,
+                width, bits.data(), cols, 0.0f, p, cols);
+  };
+  int max_width = 0;
+  for (int s = 0; s < subarrays; ++s)
+    max_width = std::max(max_width, layer.subarray_begin[s + 1] - layer.subarray_begin[s]);
+
+  // ADC `dynamic`: every read's range spans the whole batch, so a first pass over the chunks
+  // finds the ranges (the GEMMs are cheaper to redo than the partial sums are to keep).
+  const size_t ranges_per_chunk = size_t(reads) * slices;
+  std::vector<double> lo(ranges_per_chunk), hi(ranges_per_chunk);
+  std::vector<double> ref_lo(ranges_per_chunk), ref_hi(ranges_per_chunk);
+  if (dynamic) {
+    std::vector<double> found(size_t(chunks) * ranges_per_chunk * 4);
+#pragma omp parallel if (chunks > 1)
+    {
+      std::vector<float> bits(size_t(max_width) * kChunk), p(size_t(operand_rows) * kChunk);
 #pragma omp for schedule(dynamic)
-        for (int chunk = 0; chunk < chunks; ++chunk) {
-          const int n0 = chunk * kChunk, cols = std::min(kChunk, npos - n0);
-          for (int k = 0; k < width; ++k) {
-            const uint16_t* src = mapped.data() + size_t(r0 + k) * npos + n0;
-            float* dst = bits.data() + size_t(k) * cols;
-            for (int q = 0; q < cols; ++q) dst[q] = float((src[q] >> bit) & 1);
-          }
-          float* p = dynamic ? partials.data() + n0 : local.data();
-          const int ld = dynamic ? npos : cols;
-          cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, operand_rows, cols, width, 1.0f,
-                      operand, width, bits.data(), cols, 0.0f, p, ld);
-          if (dynamic) {
-            const size_t at = size_t(chunk) * slices;
-            chunk_ranges(ctx, p, ld, cols, &chunk_lo[at], &chunk_hi[at], &chunk_ref_lo[at],
-                         &chunk_ref_hi[at]);
-          } else {
-            largest = std::max(
-                largest, accumulate_chunk(ctx, p, ld, cols, bit, acc.data() + n0, npos, ref_codes));
-          }
-        }
-        if (!dynamic) continue;
-#pragma omp single
-        for (int m = 0; m < slices; ++m) {
-          lo[m] = ref_lo[m] = std::numeric_limits<double>::infinity();
-          hi[m] = ref_hi[m] = -std::numeric_limits<double>::infinity();
-          for (int chunk = 0; chunk < chunks; ++chunk) {
-            const size_t at = size_t(chunk) * slices + m;
-            lo[m] = std::min(lo[m], chunk_lo[at]);
-            hi[m] = std::max(hi[m], chunk_hi[at]);
-            ref_lo[m] = std::min(ref_lo[m], chunk_ref_lo[at]);
-            ref_hi[m] = std::max(ref_hi[m], chunk_ref_hi[at]);
-          }
-        }
-#pragma omp for schedule(dynamic)
-        for (int chunk = 0; chunk < chunks; ++chunk) {
-          const int n0 = chunk * kChunk, cols = std::min(kChunk, npos - n0);
-          accumulate_chunk(ctx, partials.data() + n0, npos, cols, bit, acc.data() + n0, npos,
-                           ref_codes);
+      for (int chunk = 0; chunk < chunks; ++chunk) {
+        const int n0 = chunk * kChunk, cols = std::min(kChunk, npos - n0);
+        for (int read = 0; read < reads; ++read) {
+          gemm_read(read / input_bits, read % input_bits, n0, cols, bits, p.data());
+          double* at = &found[(size_t(chunk) * reads + read) * slices * 4];
+          chunk_ranges(ctx, p.data(), cols, cols, at, at + slices, at + 2 * slices,
+                       at + 3 * slices);
         }
       }
+    }
+    for (size_t i = 0; i < ranges_per_chunk; ++i) {
+      lo[i] = ref_lo[i] = std::numeric_limits<double>::infinity();
+      hi[i] = ref_hi[i] = -std::numeric_limits<double>::infinity();
+    }
+    for (int chunk = 0; chunk < chunks; ++chunk)
+      for (int read = 0; read < reads; ++read)
+        for (int m = 0; m < slices; ++m) {
+          const double* at = &found[(size_t(chunk) * reads + read) * slices * 4];
+          const size_t i = size_t(read) * slices + m;
+          lo[i] = std::min(lo[i], at[m]);
+          hi[i] = std::max(hi[i], at[slices + m]);
+          ref_lo[i] = std::min(ref_lo[i], at[2 * slices + m]);
+          ref_hi[i] = std::max(ref_hi[i], at[3 * slices + m]);
+        }
+  }
+
+  double largest = 0;
+#pragma omp parallel if (chunks > 1) reduction(max : largest)
+  {
+    std::vector<float> bits(size_t(max_width) * kChunk), p(size_t(operand_rows) * kChunk);
+    std::vector<double> tile(size_t(outs) * kChunk), ref_codes;
+    ReadContext read_ctx = ctx;
+#pragma omp for schedule(dynamic)
+    for (int chunk = 0; chunk < chunks; ++chunk) {
+      const int n0 = chunk * kChunk, cols = std::min(kChunk, npos - n0);
+      std::fill(tile.begin(), tile.begin() + size_t(outs) * cols, 0.0);
+      for (int read = 0; read < reads; ++read) {
+        const int s = read / input_bits, bit = read % input_bits;
+        gemm_read(s, bit, n0, cols, bits, p.data());
+        read_ctx.subarray_rows = layer.subarray_begin[s + 1] - layer.subarray_begin[s];
+        read_ctx.lo = &lo[size_t(read) * slices];
+        read_ctx.hi = &hi[size_t(read) * slices];
+        read_ctx.ref_lo = &ref_lo[size_t(read) * slices];
+        read_ctx.ref_hi = &ref_hi[size_t(read) * slices];
+        largest = std::max(largest, accumulate_chunk(read_ctx, p.data(), cols, cols, bit,
+                                                     tile.data(), cols, ref_codes));
+      }
+      for (int o = 0; o < outs; ++o)
+        std::copy_n(tile.data() + size_t(o) * cols, cols, acc.data() + size_t(o) * npos + n0);
     }
   }
   if (calibrating) calibration_max_[layer.index] = std::max(calibration_max_[layer.index], largest);

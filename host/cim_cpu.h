@@ -55,7 +55,7 @@ class CpuCimBackend : public CimBackend {
   const std::vector<float>& programmed_subarray(int index, int s) const { return chip_[index][s]; }
 
  private:
-  void program_subarray(int index, int s, uint32_t read);
+  void program_subarray(int index, int s, uint32_t read, std::vector<float>& operand) const;
   void run_cim(const QuantisedLayer& layer, const std::vector<uint16_t>& mapped_input, int npos,
                std::vector<double>& acc);
   void run_digital(const QuantisedLayer& layer, const std::vector<uint16_t>& mapped_input, int npos,

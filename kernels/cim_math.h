@@ -80,8 +80,9 @@ struct FixedAdc {
   double step, top;
   HOST_DEVICE FixedAdc(double full_scale, int adc_bits)
       : step(full_scale / double(max_code(adc_bits))), top(double(max_code(adc_bits))) {}
-  HOST_DEVICE double operator()(double x) const {
-    if (!(step > 0.0)) return 0.0;
+  HOST_DEVICE double operator()(double x) const { return step > 0.0 ? quantise(x) : 0.0; }
+  // The conversion itself, branch-free so that loops over a read vectorise (needs step > 0).
+  HOST_DEVICE double quantise(double x) const {
     double code = rint(x / step);
     code = code < 0.0 ? 0.0 : (code > top ? top : code);
     return mul_rn(code, step);
@@ -97,8 +98,9 @@ struct DynamicAdc {
         step(sub_rn(hi, lo_) / double(1 << adc_bits)),
         top(double(max_code(adc_bits))),
         identity(sub_rn(hi, lo_) == 0.0) {}
-  HOST_DEVICE double operator()(double x) const {
-    if (identity) return x;
+  HOST_DEVICE double operator()(double x) const { return identity ? x : quantise(x); }
+  // The conversion itself, branch-free so that loops over a read vectorise (needs !identity).
+  HOST_DEVICE double quantise(double x) const {
     double code = floor(sub_rn(x, lo) / step);
     code = code < 0.0 ? 0.0 : (code > top ? top : code);
     return add_rn(lo, mul_rn(code, step));
