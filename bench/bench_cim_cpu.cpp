@@ -4,8 +4,8 @@
 //  1. Baseline: OpenBLAS cblas_sgemm. (a) Every OpenMP thread runs its own sgemm of each shape the
 //     backend issues for this network (M = cells·out + reference row, K = sub-array rows, N = 512
 //     output positions per chunk), as the backend does inside its own parallel region; once with
-//     OpenBLAS single-threaded and once with OpenBLAS at its default thread count (how the backend
-//     calls it today: it never sets it). (b) One square 1024³ sgemm with OpenBLAS on all threads.
+//     OpenBLAS single-threaded (how the backend runs it) and once at OpenBLAS's default thread
+//     count (nested). (b) One square 1024³ sgemm with OpenBLAS on all threads.
 //  2. CIM inference of a ResNet with random weights (He-normal, randomised batch norm, input ranges
 //     4.0 except conv1 = 1.0, saved with save_model and read back with load_model) on random
 //     8-bit images, under the default CIM model (CimConfig{}), at σ = 0.1 (device variation) with
@@ -448,7 +448,6 @@ struct Options {
   double sigma = 0.1;
   std::vector<std::string> modes{"dynamic", "fixed", "ideal", "digital"};
   double gemm_seconds = 0.4;
-  int openblas_threads = 0;
   uint64_t seed = 20240601;
   std::string json_path;
 };
@@ -485,8 +484,6 @@ int main(int argc, char** argv) {
       ->capture_default_str();
   app.add_option("--gemm-seconds", o.gemm_seconds, "target seconds per baseline repetition")
       ->capture_default_str();
-  app.add_option("--openblas-threads", o.openblas_threads,
-                 "set OpenBLAS's thread count for the CIM runs (default: leave it, as cimsweep does)");
   app.add_option("--seed", o.seed, "seed of the random weights and images")->capture_default_str();
   app.add_option("--json", o.json_path, "write every raw number and the machine details here");
   CLI11_PARSE(app, argc, argv);
@@ -526,8 +523,7 @@ int main(int argc, char** argv) {
                          {"depths", o.depths},         {"trials", o.trials},
                          {"sigma", o.sigma},           {"modes", o.modes},
                          {"memory", o.memory},         {"memory_images", o.memory_images},
-                         {"memory_depth", o.memory_depth}, {"seed", o.seed},
-                         {"openblas_threads_for_cim", o.openblas_threads}};
+                         {"memory_depth", o.memory_depth}, {"seed", o.seed}};
     report["cim_config"] = CimConfig{}.to_json();
 
     std::printf("bench_cim_cpu — cimsweep %s, commit %s%s\n", CIMSWEEP_VERSION, commit.c_str(),
@@ -586,7 +582,6 @@ int main(int argc, char** argv) {
     }
 
     // ---- 2. Inference ----
-    if (o.openblas_threads > 0) openblas_set_num_threads(o.openblas_threads);
     const int blas_threads_for_cim = openblas_get_num_threads();
     report["openblas_threads_during_cim"] = blas_threads_for_cim;
     std::vector<uint8_t> pixels;
