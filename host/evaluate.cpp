@@ -77,7 +77,6 @@ TrialRecord TrialRunner::classify_all(double sigma, int trial, const BatchCallba
   const int classes = net.arch().num_classes, exits = net.arch().num_exits();
   const size_t total = data_.size(), per_image = data_.image_elements();
   std::vector<uint64_t> exit_correct(exits, 0);
-  last_logits_.assign(exits, {});
   std::vector<float> images;
   uint32_t batch_index = 0;
   for (size_t first = 0; first < total; first += size_t(config_.batch_size), ++batch_index) {
@@ -93,7 +92,6 @@ TrialRecord TrialRunner::classify_all(double sigma, int trial, const BatchCallba
         const int predicted = int(std::max_element(row, row + classes) - row);
         exit_correct[e] += predicted == data_.labels[first + i];
       }
-      last_logits_[e].insert(last_logits_[e].end(), logits[e].begin(), logits[e].end());
     }
     if (on_batch) on_batch(first + count);
   }

@@ -31,10 +31,7 @@ class TrialRunner {
   // The clean reference: σ = 0 with an ideal ADC, computed as the exactly equal digital network.
   TrialRecord run_clean(const BatchCallback& on_batch = {});
 
-  // Logits of every exit for every image, [exit][image × class], of the chip programmed last.
-  std::vector<std::vector<float>> logits_of_last_run() const { return last_logits_; }
   const std::string& config_hash() const { return config_hash_; }
-  const CpuCimBackend& backend() const { return *backend_; }
 
  private:
   TrialRecord classify_all(double sigma, int trial, const BatchCallback& on_batch);
@@ -45,7 +42,6 @@ class TrialRunner {
   std::string label_;
   std::string config_hash_;
   std::unique_ptr<CpuCimBackend> backend_;
-  std::vector<std::vector<float>> last_logits_;
 };
 
 // The identity of (model file, data, CIM configuration): every trial record carries it, and

@@ -22,7 +22,7 @@ struct SweepOptions {
 // Returns the records of this plan's configuration (resumed and new), clean references included.
 std::vector<TrialRecord> run_sweep(const SweepPlan& plan, const SweepOptions& options);
 
-// The data set a plan evaluates on (path, split, class-balanced limit).
+// Where a plan without --data reads its images: Debian's Fashion-MNIST.
 std::string default_data_path();
 
 }  // namespace cimsweep
