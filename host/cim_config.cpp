@@ -29,8 +29,6 @@ void CimConfig::validate() const {
     fail("--rows must be at least 1 (sub-array rows), got " + std::to_string(subarray_rows));
   if (!(onoff_ratio > 1.0))
     fail("--onoff must be greater than 1 (Gmax/Gmin) or 'inf', got " + std::to_string(onoff_ratio));
-  if (!(sigma >= 0.0) || !std::isfinite(sigma))
-    fail("σ must be a finite number ≥ 0, got " + std::to_string(sigma) + ": use e.g. --sigma 0.1");
   if (adc_bits < 1 || adc_bits > 24)
     fail("--adc-bits " + std::to_string(adc_bits) + " is out of range: use 1 to 24");
   if (batch_size < 1) fail("--batch must be at least 1, got " + std::to_string(batch_size));

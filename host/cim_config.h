@@ -21,7 +21,6 @@ struct CimConfig {
   int subarray_rows = 128;  // R
   double onoff_ratio = 10;  // r = Gmax/Gmin; infinity allowed
   WeightScaling scaling = WeightScaling::kMaxAbs;
-  double sigma = 0;  // relative conductance variation
   VariationMode variation = VariationMode::kDevice;
   bool clamp_at_zero = false;        // clamp varied conductances at 0
   bool reference_variation = false;  // vary the reference column's cells too
@@ -37,7 +36,7 @@ struct CimConfig {
   double inv_onoff() const;  // 1/r, 0 for r = inf
   // Throws UserError naming the first impossible parameter and how to fix it.
   void validate() const;
-  // Every field except sigma: the identity of a results file's configuration.
+  // Every field: the identity of a results file's configuration (σ is per trial, not here).
   nlohmann::json to_json() const;
 };
 

@@ -370,20 +370,16 @@ void with_quantiser(const cim::IdealAdc& adc, const Body& body) {
 }
 
 template <bool kClean, class MakeAdc>
-double accumulate_chunk_for(const ReadContext& ctx, const MakeAdc& make_adc, const float* p, int ld,
-                            int cols, int bit, double* acc, int acc_ld,
-                            std::vector<double>& ref_codes) {
+void accumulate_chunk_for(const ReadContext& ctx, const MakeAdc& make_adc, const float* p, int ld,
+                          int cols, int bit, double* acc, int acc_ld,
+                          std::vector<double>& ref_codes) {
   const PartialSum<kClean> partial{cim::CleanPartialSum(ctx.cell_bits, ctx.inv_onoff)};
   const float* counts = p + size_t(ctx.slices * ctx.outs) * ld;
   ref_codes.resize(size_t(ctx.slices) * cols);
-  double largest = 0;
   for (int m = 0; m < ctx.slices; ++m) {
     const auto ref_adc = make_adc(ctx.ref_lo[m], ctx.ref_hi[m]);
-    for (int q = 0; q < cols; ++q) {
-      const double ref = reference_sum(ctx, p, ld, q, m);
-      largest = std::max(largest, ref);
-      ref_codes[size_t(m) * cols + q] = ref_adc(ref);
-    }
+    for (int q = 0; q < cols; ++q)
+      ref_codes[size_t(m) * cols + q] = ref_adc(reference_sum(ctx, p, ld, q, m));
   }
   for (int m = 0; m < ctx.slices; ++m) {
     const double place = std::ldexp(1.0, bit + ctx.cell_bits * m);
@@ -394,7 +390,6 @@ double accumulate_chunk_for(const ReadContext& ctx, const MakeAdc& make_adc, con
                        acc + size_t(o) * acc_ld, cols);
     });
   }
-  return largest;
 }
 
 // The σ = 0, ideal-ADC read: (P − Pref)·gain = 2·Σd·b − L·Σb exactly (§5, §7). Also what ADC
@@ -421,15 +416,16 @@ double accumulate_exact_chunk(const ReadContext& ctx, const float* p, int ld, in
 }
 
 // ADC and shift-and-add of one read for a chunk: acc[o][q] += 2^t·2^(cb·m)·gain·(Q(P) − Q(Pref)).
-// Returns the largest partial sum seen (for ADC calibration).
+// Returns the largest partial sum of the read when it is the exact one (ADC calibration), else 0.
 double accumulate_chunk(const ReadContext& ctx, const float* p, int ld, int cols, int bit,
                         double* acc, int acc_ld, std::vector<double>& ref_codes) {
   if (ctx.ideal_clean) return accumulate_exact_chunk(ctx, p, ld, cols, bit, acc, acc_ld);
   auto run = [&](const auto& make_adc) {
-    return ctx.clean
-               ? accumulate_chunk_for<true>(ctx, make_adc, p, ld, cols, bit, acc, acc_ld, ref_codes)
-               : accumulate_chunk_for<false>(ctx, make_adc, p, ld, cols, bit, acc, acc_ld,
-                                             ref_codes);
+    if (ctx.clean)
+      accumulate_chunk_for<true>(ctx, make_adc, p, ld, cols, bit, acc, acc_ld, ref_codes);
+    else
+      accumulate_chunk_for<false>(ctx, make_adc, p, ld, cols, bit, acc, acc_ld, ref_codes);
+    return 0.0;
   };
   switch (ctx.adc) {
     case AdcMode::kDynamic:

@@ -69,10 +69,6 @@ struct CleanPartialSum {
     return add_rn(mul_rn(level_gain, level_dot_bits), mul_rn(count_gain, bit_count));
   }
 };
-HOST_DEVICE inline double clean_partial_sum(double level_dot_bits, double bit_count, int cell_bits,
-                                            double inv_onoff) {
-  return CleanPartialSum(cell_bits, inv_onoff)(level_dot_bits, bit_count);
-}
 
 // §4, ADC `fixed` and `calibrated`: codes 0 … 2^N − 1 over [0, full_scale], round to nearest.
 // Set up once per read, applied to every partial sum of it.
