@@ -329,6 +329,9 @@ class TimedBackend : public CimBackend {
  public:
   TimedBackend(CpuCimBackend& inner, size_t layers) : inner_(inner), seconds_(layers, 0.0) {}
   std::string name() const override { return inner_.name(); }
+  void program_chip(uint32_t trial, double sigma) override { inner_.program_chip(trial, sigma); }
+  void set_calibrating(bool on) override { inner_.set_calibrating(on); }
+  void set_all_digital(bool on) override { inner_.set_all_digital(on); }
   void begin_batch(uint32_t batch_index) override { inner_.begin_batch(batch_index); }
   void run_layer(int index, const float* x, int n, int h, int w, float* y) override {
     const auto start = Clock::now();

@@ -1,5 +1,6 @@
 // What a network needs from a backend: run CIM layer number `index` (forward order) on a batch.
 // The backend owns the simulated chip; the network owns everything digital around the layers.
+// Backends: CpuCimBackend (host/cim_cpu.h, the reference) and the CUDA backend (cuda/).
 #pragma once
 #include <cstdint>
 #include <string>
@@ -23,6 +24,14 @@ class CimBackend {
  public:
   virtual ~CimBackend() = default;
   virtual std::string name() const = 0;
+  // Programs the chip of trial `trial` at variation `sigma` (mode `device`: the noise is drawn
+  // here once; mode `cycle`: per read during run_layer).
+  virtual void program_chip(uint32_t trial, double sigma) = 0;
+  // ADC `calibrated`: while enabled, layers run clean with an ideal ADC and record the largest
+  // partial sum of each layer; disabling sets each layer's full scale to it.
+  virtual void set_calibrating(bool on) = 0;
+  // Forces every layer digital (the clean σ = 0, ADC-ideal reference, which equals it exactly).
+  virtual void set_all_digital(bool on) = 0;
   // Called before each evaluation batch; the number keys the per-read noise of mode `cycle`.
   virtual void begin_batch(uint32_t batch_index) = 0;
   // x: [n, in, h, w] (non-negative); y: [n, out, oh, ow] including the bias.

@@ -38,17 +38,12 @@ class CpuCimBackend : public CimBackend {
   CpuCimBackend(const std::vector<CimLayerSpec>& layers, const CimConfig& config);
   std::string name() const override { return "cpu"; }
 
-  // Programs the chip of trial `trial` at variation `sigma` (mode `device`: the noise is drawn
-  // here once; mode `cycle`: per read during run_layer).
-  void program_chip(uint32_t trial, double sigma);
+  void program_chip(uint32_t trial, double sigma) override;
   void begin_batch(uint32_t batch_index) override { batch_index_ = batch_index; }
   void run_layer(int index, const float* x, int n, int h, int w, float* y) override;
 
-  // ADC `calibrated`: while enabled, layers run clean with an ideal ADC and record the largest
-  // partial sum of each layer; disabling sets each layer's full scale to it.
-  void set_calibrating(bool on);
-  // Forces every layer digital (the clean σ = 0, ADC-ideal reference, which equals it exactly).
-  void set_all_digital(bool on) { all_digital_ = on; }
+  void set_calibrating(bool on) override;
+  void set_all_digital(bool on) override { all_digital_ = on; }
 
   const std::vector<QuantisedLayer>& layers() const { return layers_; }
   // The GEMM operand of sub-array `s` of layer `index` as programmed now (for tests).

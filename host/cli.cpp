@@ -2,7 +2,10 @@
 
 #include <omp.h>
 
+#include <algorithm>
 #include <cstdio>
+#include <filesystem>
+#include <tuple>
 #include <iostream>
 #include <sstream>
 
@@ -12,6 +15,7 @@
 #include "host/errors.h"
 #include "host/model_file.h"
 #include "host/results.h"
+#include "host/slurm.h"
 #include "host/sweep.h"
 #include "host/sweep_spec.h"
 
@@ -25,7 +29,7 @@ namespace {
 // Options shared by `eval` and `sweep`.
 struct RunOptions {
   std::vector<std::pair<std::string, std::string>> cim;  // CIM options in command-line order
-  std::string data, split, results, format = "md", output, backend = "auto";
+  std::string data, split, results, format = "md", output, backend = "auto", shard, devices;
   long long limit = -1;
   int trials = -1, first_trial = -1, threads = 0;
   bool resume = false, quiet = false, no_clean = false;
@@ -47,6 +51,8 @@ void add_run_options(CLI::App* cmd, RunOptions& o) {
   cmd->add_flag("--no-clean", o.no_clean, "skip the clean (σ = 0, ADC ideal) reference run");
   cmd->add_option("--threads", o.threads, "CPU threads (default: all cores)");
   cmd->add_option("--backend", o.backend, "auto or cpu (default auto)");
+  cmd->add_option("--devices", o.devices,
+                  "spread trials over these devices of one machine, e.g. 0,1,2,3 (default one)");
   cmd->add_flag("--quiet", o.quiet, "no progress line");
 
   struct CimOption {
@@ -121,7 +127,7 @@ void apply_run_options(const RunOptions& o, SweepPlan& plan) {
 }
 
 // One line on stderr saying where the work runs: the CPU reference backend in this version.
-void announce_backend() {
+void announce_backend(int workers) {
   std::string why;
 #if defined(CIMSWEEP_HAVE_CUDA)
   const std::string gpu = cuda_device_summary();
@@ -129,8 +135,12 @@ void announce_backend() {
 #else
   why = "built without CUDA";
 #endif
-  std::fprintf(stderr, "cimsweep: CPU backend, %d threads (%s)\n", omp_get_max_threads(),
-               why.c_str());
+  if (workers > 1)
+    std::fprintf(stderr, "cimsweep: CPU backend, %d workers × %d threads (%s)\n", workers,
+                 std::max(1, omp_get_max_threads() / workers), why.c_str());
+  else
+    std::fprintf(stderr, "cimsweep: CPU backend, %d threads (%s)\n", omp_get_max_threads(),
+                 why.c_str());
 }
 
 void emit_table(const std::vector<TrialRecord>& records, const RunOptions& o) {
@@ -186,6 +196,19 @@ int run_info(const std::string& path) {
   return 0;
 }
 
+int run_merge(std::vector<std::string> inputs, const RunOptions& o) {
+  if (o.format != "md" && o.format != "csv" && o.format != "json")
+    throw UserError("unknown --format '" + o.format + "': use md, csv or json");
+  // An existing merged file joins the inputs, so merging again (or with new shards) keeps it.
+  if (!o.results.empty() && std::filesystem::exists(o.results) &&
+      std::find(inputs.begin(), inputs.end(), o.results) == inputs.end())
+    inputs.insert(inputs.begin(), o.results);
+  const std::vector<TrialRecord> records = merge_results(inputs);
+  if (!o.results.empty()) write_results_file(o.results, records);
+  emit_table(records, o);
+  return 0;
+}
+
 }  // namespace
 
 int run_cli(int argc, char** argv) {
@@ -217,6 +240,23 @@ int run_cli(int argc, char** argv) {
   sweep->add_option("--spec", spec_path, "sweep file (TOML), e.g. sweeps/fmnist-quick.toml");
   sweep->add_option("--sigmas", sigma_list, "comma-separated σ values, e.g. 0,0.05,0.1,0.15,0.2");
   add_run_options(sweep, sweep_options);
+  sweep->add_option("--shard", sweep_options.shard,
+                    "run only share I of N (0 ≤ I < N) of the work units, e.g. "
+                    "--shard ${SLURM_ARRAY_TASK_ID}/8; `merge` joins the shards' --results");
+
+  std::vector<std::string> merge_inputs;
+  RunOptions merge_options;
+  CLI::App* merge = app.add_subcommand(
+      "merge", "join the results files of a sharded sweep and print the accuracy table");
+  merge->add_option("files", merge_inputs, "results files (JSON Lines) of the shards")->required();
+  merge->add_option("--results", merge_options.results,
+                    "write the merged results here (atomically; an existing file is merged too)");
+  merge->add_option("--format", merge_options.format, "table format: md, csv or json (default md)");
+  merge->add_option("--output", merge_options.output,
+                    "write the table to this file (atomically) instead of stdout");
+
+  SlurmOptions slurm_options;
+  CLI::App* slurm = add_slurm_subcommand(app, slurm_options);
 
   try {
     try {
@@ -225,6 +265,8 @@ int run_cli(int argc, char** argv) {
       return app.exit(e);
     }
     if (info->parsed()) return run_info(info_model);
+    if (slurm->parsed()) return run_slurm(slurm_options, std::cout);
+    if (merge->parsed()) return run_merge(merge_inputs, merge_options);
 
     const bool is_eval = eval->parsed();
     RunOptions& o = is_eval ? eval_options : sweep_options;
@@ -245,10 +287,14 @@ int run_cli(int argc, char** argv) {
     validate_plan(plan);
     if (o.threads > 0) omp_set_num_threads(o.threads);
     SweepOptions options;
-    options.on_start = announce_backend;
     options.results_path = o.results;
     options.resume = o.resume;
     options.show_progress = !o.quiet;
+    if (!o.shard.empty()) std::tie(options.shard_index, options.shard_count) = parse_shard(o.shard);
+    if (!o.devices.empty())
+      for (int device : parse_device_list(o.devices))
+        options.workers.push_back({BackendChoice::Kind::kCpu, device});
+    options.on_start = [&options] { announce_backend(int(options.workers.size())); };
     const std::vector<TrialRecord> records = run_sweep(plan, options);
     emit_table(records, o);
     return 0;

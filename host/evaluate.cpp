@@ -35,12 +35,12 @@ std::string configuration_hash(const LoadedModel& model, const Dataset& data,
 }
 
 TrialRunner::TrialRunner(const LoadedModel& model, const Dataset& data, const CimConfig& config,
-                         std::string model_label)
+                         std::string model_label, const BackendChoice& backend)
     : model_(model), data_(data), config_(config), label_(std::move(model_label)) {
   config_.validate();
   check_data_fits(model.network->arch(), data, model.path);
   config_hash_ = configuration_hash(model, data, config_);
-  backend_ = std::make_unique<CpuCimBackend>(model.network->cim_layers(), config_);
+  backend_ = make_backend(backend, model.network->cim_layers(), config_);
   if (config_.adc == AdcMode::kCalibrated) {
     // The ADC's range is set at design time from clean data: the largest partial sum of each layer
     // over the first evaluation batch on a noise-free chip.

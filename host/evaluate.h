@@ -8,7 +8,7 @@
 #include <vector>
 
 #include "host/cim_config.h"
-#include "host/cim_cpu.h"
+#include "host/backends.h"
 #include "host/dataset.h"
 #include "host/model_file.h"
 #include "host/results.h"
@@ -24,7 +24,7 @@ class TrialRunner {
   using BatchCallback = std::function<void(size_t images_done)>;
 
   TrialRunner(const LoadedModel& model, const Dataset& data, const CimConfig& config,
-              std::string model_label);
+              std::string model_label, const BackendChoice& backend = {});
 
   // One chip at `sigma`: trial index `trial` keys its noise.
   TrialRecord run_trial(double sigma, int trial, const BatchCallback& on_batch = {});
@@ -41,7 +41,7 @@ class TrialRunner {
   CimConfig config_;
   std::string label_;
   std::string config_hash_;
-  std::unique_ptr<CpuCimBackend> backend_;
+  std::unique_ptr<CimBackend> backend_;
 };
 
 // The identity of (model file, data, CIM configuration): every trial record carries it, and

@@ -19,32 +19,35 @@ std::string format_duration(double seconds) {
   return buf;
 }
 
-Progress::Progress(size_t total_units, bool enabled)
-    : total_(total_units), visible_(enabled && isatty(STDERR_FILENO)) {
-  start_ = unit_start_ = last_draw_ = std::chrono::steady_clock::now();
+Progress::Progress(size_t total_units, size_t images_per_unit, bool enabled, int slots)
+    : total_(total_units),
+      images_per_unit_(images_per_unit),
+      slot_images_(size_t(slots > 0 ? slots : 1), 0),
+      visible_(enabled && isatty(STDERR_FILENO)) {
+  start_ = last_draw_ = std::chrono::steady_clock::now();
 }
 
 Progress::~Progress() {
   finish();
 }
 
-void Progress::start_unit(const std::string& what, size_t images) {
+void Progress::start_unit(int slot, const std::string& what) {
+  std::lock_guard<std::mutex> lock(mutex_);
   what_ = what;
-  unit_images_ = images;
-  images_ = 0;
-  unit_start_ = std::chrono::steady_clock::now();
+  slot_images_.at(size_t(slot)) = 0;
   draw(true);
 }
 
-void Progress::images_done(size_t images) {
-  images_ = images;
+void Progress::images_done(int slot, size_t images) {
+  std::lock_guard<std::mutex> lock(mutex_);
+  slot_images_.at(size_t(slot)) = images;
   draw(false);
 }
 
-void Progress::unit_done() {
+void Progress::unit_done(int slot) {
+  std::lock_guard<std::mutex> lock(mutex_);
   ++done_;
-  completed_fraction_seconds_ +=
-      std::chrono::duration<double>(std::chrono::steady_clock::now() - unit_start_).count();
+  slot_images_.at(size_t(slot)) = 0;
   draw(true);
 }
 
@@ -53,18 +56,25 @@ void Progress::draw(bool force) {
   const auto now = std::chrono::steady_clock::now();
   if (!force && now - last_draw_ < std::chrono::milliseconds(250)) return;
   last_draw_ = now;
-  const double unit_elapsed = std::chrono::duration<double>(now - unit_start_).count();
-  const double unit_fraction = unit_images_ ? double(images_) / double(unit_images_) : 0.0;
-  const double units = double(done_) + unit_fraction;
-  const double elapsed = completed_fraction_seconds_ + unit_elapsed;
+  // Units in flight count by the fraction of their images done, so the rate moves within a trial.
+  size_t running_images = 0;
+  for (size_t images : slot_images_) running_images += images;
+  const double units =
+      double(done_) + (images_per_unit_ ? double(running_images) / double(images_per_unit_) : 0.0);
+  const double elapsed = std::chrono::duration<double>(now - start_).count();
   const double rate = units > 0 && elapsed > 0 ? units / elapsed : 0.0;
   const double eta = rate > 0 ? (double(total_) - units) / rate : -1;
-  std::fprintf(stderr, "\r\033[K%zu/%zu trials  %.3g trials/s  ETA %s  | %s  %zu/%zu images", done_,
-               total_, rate, format_duration(eta).c_str(), what_.c_str(), images_, unit_images_);
+  std::fprintf(stderr, "\r\033[K%zu/%zu trials  %.3g trials/s  ETA %s  | %s", done_, total_, rate,
+               format_duration(eta).c_str(), what_.c_str());
+  if (slot_images_.size() == 1)
+    std::fprintf(stderr, "  %zu/%zu images", slot_images_[0], images_per_unit_);
+  else
+    std::fprintf(stderr, "  (%zu workers)", slot_images_.size());
   std::fflush(stderr);
 }
 
 void Progress::finish() {
+  std::lock_guard<std::mutex> lock(mutex_);
   if (visible_ && !finished_) {
     std::fprintf(stderr, "\r\033[K");
     std::fflush(stderr);

@@ -333,6 +333,52 @@ std::vector<TrialRecord> read_results_file(const std::string& path) {
   return parse_results_text(text, path).records;
 }
 
+std::vector<TrialRecord> merge_results(const std::vector<std::string>& paths) {
+  if (paths.empty()) throw UserError("nothing to merge: name the shard results files");
+  std::vector<TrialRecord> merged;
+  std::unordered_map<std::string, size_t> by_unit;                    // unit key → index
+  std::unordered_map<std::string, std::pair<std::string, std::string>> config_of;  // model → hash, file
+  std::unordered_map<std::string, size_t> model_order;
+  for (const std::string& path : paths) {
+    for (TrialRecord& record : read_results_file(path)) {
+      auto [config, new_model] = config_of.emplace(record.model, std::make_pair(record.config_hash, path));
+      if (!new_model && config->second.first != record.config_hash)
+        throw UserError("model '" + record.model + "' has results of two configurations ('" +
+                        config->second.second + "' and '" + path +
+                        "'): merge only the shards of one sweep");
+      model_order.emplace(record.model, model_order.size());
+      const std::string key = unit_key(record);
+      auto [it, is_new] = by_unit.emplace(key, merged.size());
+      if (is_new) {
+        merged.push_back(std::move(record));
+        continue;
+      }
+      const TrialRecord& kept = merged[it->second];
+      if (kept.images != record.images || kept.correct != record.correct)
+        throw UserError("'" + path + "' and an earlier file disagree on " + record.model +
+                        " σ=" + json(record.sigma).dump() + " trial " +
+                        std::to_string(record.trial) + " (" + std::to_string(kept.correct) +
+                        " vs " + std::to_string(record.correct) +
+                        " correct): they come from different builds or data; rerun that shard");
+    }
+  }
+  std::stable_sort(merged.begin(), merged.end(), [&](const TrialRecord& a, const TrialRecord& b) {
+    const size_t ma = model_order.at(a.model), mb = model_order.at(b.model);
+    if (ma != mb) return ma < mb;
+    const bool ca = a.trial < 0, cb = b.trial < 0;
+    if (ca != cb) return ca;
+    if (a.sigma != b.sigma) return a.sigma < b.sigma;
+    return a.trial < b.trial;
+  });
+  return merged;
+}
+
+void write_results_file(const std::string& path, const std::vector<TrialRecord>& records) {
+  std::string text;
+  for (const TrialRecord& record : records) text += dump_line(to_json(record)) + '\n';
+  write_file_atomically(path, text);
+}
+
 // ---------------------------------------------------------------------------------------------
 // Aggregation and tables.
 
@@ -359,11 +405,13 @@ std::vector<TableRow> aggregate(const std::vector<TrialRecord>& records) {
       continue;
     }
     if (record.trial < 0) continue;
+    // A copy, not the structured binding: lambdas may capture those only from C++20 (clang 14).
+    const size_t model = model_it->second;
     auto group = std::find_if(groups.begin(), groups.end(), [&](const Group& g) {
-      return g.model_index == model_it->second && g.sigma == record.sigma;
+      return g.model_index == model && g.sigma == record.sigma;
     });
     if (group == groups.end()) {
-      groups.push_back(Group{model_it->second, record.sigma, {}, {}});
+      groups.push_back(Group{model, record.sigma, {}, {}});
       group = groups.end() - 1;
     }
     // A NaN accuracy (a trial that saw no images) carries no information about the chip.

@@ -73,6 +73,15 @@ class ResultsLog {
 // Reads a results file with the same torn-line rules as ResultsLog, without modifying it.
 std::vector<TrialRecord> read_results_file(const std::string& path);
 
+// Merges results files of one sweep (its shards, earlier merges of them): every work unit once,
+// models in first-appearance order, then per model the clean reference, σ ascending, trial
+// ascending — so merging again, or a shard that ran twice, changes nothing. Throws UserError when
+// two files disagree on a unit's result or one model label carries two configurations.
+std::vector<TrialRecord> merge_results(const std::vector<std::string>& paths);
+
+// Writes records as a results file (JSON Lines) atomically.
+void write_results_file(const std::string& path, const std::vector<TrialRecord>& records);
+
 // One line of the accuracy table: all trials of one model at one sigma.
 struct TableRow {
   std::string model;

@@ -1,8 +1,17 @@
 #include "host/sweep.h"
 
+#include <omp.h>
+
+#include <algorithm>
+#include <atomic>
 #include <cstdio>
+#include <exception>
 #include <filesystem>
 #include <memory>
+#include <mutex>
+#include <optional>
+#include <sstream>
+#include <thread>
 
 #include "host/dataset.h"
 #include "host/errors.h"
@@ -40,74 +49,158 @@ std::string sigma_text(double sigma) {
 
 }  // namespace
 
+std::pair<int, int> parse_shard(const std::string& text) {
+  const std::string usage = "--shard '" + text +
+                            "' is not I/N with 0 ≤ I < N: use e.g. --shard 0/4 … --shard 3/4 "
+                            "(Slurm: --shard ${SLURM_ARRAY_TASK_ID}/N with --array=0-(N-1))";
+  const size_t slash = text.find('/');
+  if (slash == std::string::npos) throw UserError(usage);
+  const std::string a = text.substr(0, slash), b = text.substr(slash + 1);
+  auto number = [&](const std::string& part) {
+    if (part.empty() || part.size() > 9 || part.find_first_not_of("0123456789") != std::string::npos)
+      throw UserError(usage);
+    return std::stoi(part);
+  };
+  const int index = number(a), count = number(b);
+  if (count < 1 || index >= count) throw UserError(usage);
+  return {index, count};
+}
+
+std::vector<int> parse_device_list(const std::string& text) {
+  std::vector<int> devices;
+  std::stringstream ss(text);
+  std::string item;
+  while (std::getline(ss, item, ',')) {
+    if (item.empty() || item.size() > 4 || item.find_first_not_of("0123456789") != std::string::npos)
+      throw UserError("--devices '" + text +
+                      "' is not a list of device numbers: use e.g. --devices 0,1,2,3");
+    const int device = std::stoi(item);
+    if (std::find(devices.begin(), devices.end(), device) != devices.end())
+      throw UserError("--devices '" + text + "' names device " + item +
+                      " twice: list each device once");
+    devices.push_back(device);
+  }
+  if (devices.empty())
+    throw UserError("--devices is empty: use e.g. --devices 0,1 or leave it out for one device");
+  return devices;
+}
+
 std::vector<TrialRecord> run_sweep(const SweepPlan& plan, const SweepOptions& options) {
   validate_plan(plan);
+  if (options.shard_count < 1 || options.shard_index < 0 ||
+      options.shard_index >= options.shard_count)
+    throw UserError("shard " + std::to_string(options.shard_index) + "/" +
+                    std::to_string(options.shard_count) + " does not exist: use 0 ≤ I < N");
   const Dataset data = load_plan_data(plan);
+  std::vector<BackendChoice> workers = options.workers;
+  if (workers.empty()) workers.push_back(BackendChoice{});
 
-  struct ModelRun {
-    SweepModel entry;
-    LoadedModel model;
-    std::unique_ptr<TrialRunner> runner;
-  };
-  std::vector<std::unique_ptr<ModelRun>> runs;
-  for (const SweepModel& entry : plan.models) {
-    auto run = std::make_unique<ModelRun>();
-    run->entry = entry;
-    run->model = load_model(entry.path);
-    run->runner = std::make_unique<TrialRunner>(run->model, data, plan.cim, entry.label);
-    runs.push_back(std::move(run));
-  }
+  std::vector<LoadedModel> models;
+  models.reserve(plan.models.size());
+  for (const SweepModel& entry : plan.models) models.push_back(load_model(entry.path));
+
+  // Every worker has its own runner (and so its own backend and chip) per model. The first
+  // worker's are built here, so that a model/data mismatch or a parameter the backend rejects stops the sweep before any
+  // results file is created; the others are built in their worker threads, on demand.
+  const int worker_count = int(workers.size());
+  std::vector<std::vector<std::unique_ptr<TrialRunner>>> runners(workers.size());
+  for (size_t m = 0; m < models.size(); ++m)
+    runners[0].push_back(std::make_unique<TrialRunner>(models[m], data, plan.cim,
+                                                       plan.models[m].label, workers[0]));
 
   std::unique_ptr<ResultsLog> log;
   if (!options.results_path.empty())
     log = std::make_unique<ResultsLog>(options.results_path, options.resume);
 
-  // Work units in a fixed order: per model its clean reference, then σ-major, trial-minor.
+  // Work units in a fixed order: per model its clean reference, then σ-major, trial-minor. The
+  // shard is chosen by position in this order, so it is the same on every node.
   struct Unit {
-    ModelRun* run;
+    size_t model;
     double sigma;
     int trial;
   };
   std::vector<Unit> todo;
-  std::vector<TrialRecord> records;
-  for (auto& run : runs) {
+  std::vector<std::optional<TrialRecord>> slots;  // per unit of this shard, in plan order
+  std::vector<size_t> todo_slot;
+  size_t position = 0;
+  for (size_t m = 0; m < models.size(); ++m) {
     std::vector<Unit> units;
-    if (plan.clean_reference) units.push_back({run.get(), 0.0, -1});
+    if (plan.clean_reference) units.push_back({m, 0.0, -1});
     for (double sigma : plan.sigmas)
       for (int t = plan.first_trial; t < plan.first_trial + plan.trials; ++t)
-        units.push_back({run.get(), sigma, t});
+        units.push_back({m, sigma, t});
     for (const Unit& unit : units) {
+      if (int(position++ % size_t(options.shard_count)) != options.shard_index) continue;
       TrialRecord key;
-      key.model = run->entry.label;
-      key.config_hash = run->runner->config_hash();
+      key.model = plan.models[m].label;
+      key.config_hash = runners[0][m]->config_hash();
       key.sigma = unit.sigma;
       key.trial = unit.trial;
+      slots.emplace_back();
       if (log && log->has(key)) {
         for (const TrialRecord& r : log->existing())
-          if (unit_key(r) == unit_key(key)) records.push_back(r);
+          if (unit_key(r) == unit_key(key)) slots.back() = r;
       } else {
         todo.push_back(unit);
+        todo_slot.push_back(slots.size() - 1);
       }
     }
   }
 
+  if (options.shard_count > 1 && slots.empty())
+    std::fprintf(stderr, "cimsweep: shard %d/%d has no work units (the sweep has %zu): nothing to do\n",
+                 options.shard_index, options.shard_count, position);
   if (options.on_start) options.on_start();
-  Progress progress(todo.size(), options.show_progress);
-  for (const Unit& unit : todo) {
-    const std::string what =
-        unit.run->entry.label +
-        (unit.trial < 0 ? " clean"
-                        : " σ=" + sigma_text(unit.sigma) + " trial " + std::to_string(unit.trial));
-    progress.start_unit(what, data.size());
-    auto on_batch = [&](size_t done) { progress.images_done(done); };
-    TrialRecord record = unit.trial < 0
-                             ? unit.run->runner->run_clean(on_batch)
-                             : unit.run->runner->run_trial(unit.sigma, unit.trial, on_batch);
-    if (log) log->append(record);
-    records.push_back(record);
-    progress.unit_done();
+  Progress progress(todo.size(), data.size(), options.show_progress, worker_count);
+  const int total_threads = omp_get_max_threads();
+  std::atomic<size_t> next{0};
+  std::mutex error_mutex;
+  std::exception_ptr first_error;
+  std::atomic<bool> failed{false};
+  auto work = [&](int w) {
+    try {
+      if (worker_count > 1) omp_set_num_threads(std::max(1, total_threads / worker_count));
+      runners[size_t(w)].resize(models.size());  // no-op for worker 0
+      for (size_t i = next++; i < todo.size() && !failed; i = next++) {
+        const Unit& unit = todo[i];
+        std::unique_ptr<TrialRunner>& runner_slot = runners[size_t(w)][unit.model];
+        if (!runner_slot)
+          runner_slot = std::make_unique<TrialRunner>(models[unit.model], data, plan.cim,
+                                                      plan.models[unit.model].label,
+                                                      workers[size_t(w)]);
+        TrialRunner& runner = *runner_slot;
+        const std::string what = plan.models[unit.model].label +
+                                 (unit.trial < 0 ? " clean"
+                                                 : " σ=" + sigma_text(unit.sigma) + " trial " +
+                                                       std::to_string(unit.trial));
+        progress.start_unit(w, what);
+        auto on_batch = [&](size_t done) { progress.images_done(w, done); };
+        TrialRecord record = unit.trial < 0 ? runner.run_clean(on_batch)
+                                            : runner.run_trial(unit.sigma, unit.trial, on_batch);
+        if (worker_count > 1) record.extra["worker"] = w;
+        if (log) log->append(record);
+        slots[todo_slot[i]] = std::move(record);
+        progress.unit_done(w);
+      }
+    } catch (...) {
+      std::lock_guard<std::mutex> lock(error_mutex);
+      if (!first_error) first_error = std::current_exception();
+      failed = true;
+    }
+  };
+  if (worker_count == 1) {
+    work(0);
+  } else {
+    std::vector<std::thread> threads;
+    for (int w = 0; w < worker_count; ++w) threads.emplace_back(work, w);
+    for (std::thread& t : threads) t.join();
   }
   progress.finish();
+  if (first_error) std::rethrow_exception(first_error);
+
+  std::vector<TrialRecord> records;
+  records.reserve(slots.size());
+  for (auto& slot : slots) records.push_back(std::move(*slot));
   return records;
 }
 

@@ -5,6 +5,7 @@
 #include <string>
 #include <vector>
 
+#include "host/backends.h"
 #include "host/results.h"
 #include "host/sweep_spec.h"
 
@@ -14,15 +15,27 @@ struct SweepOptions {
   std::string results_path;   // JSON Lines; empty: keep results in memory only
   bool resume = false;        // reuse the trials already in results_path
   bool show_progress = true;  // progress line on a terminal
+  // Deterministic share: work unit number u (in plan order, over all models) belongs to shard
+  // u mod shard_count. The union of all shards is the unsharded sweep, trial for trial.
+  int shard_index = 0, shard_count = 1;
+  // One worker per entry, each with its own backend; they take work units from one queue.
+  // Empty: one CPU worker. CPU workers share the OpenMP threads evenly.
+  std::vector<BackendChoice> workers;
   // Called once models, data and the results file are ready, before the first trial: the place
   // for a notice that should not precede an input error.
   std::function<void()> on_start;
 };
 
-// Returns the records of this plan's configuration (resumed and new), clean references included.
+// Returns the records of this plan's configuration and shard (resumed and new), clean references
+// included, in plan order whatever order the workers finished in.
 std::vector<TrialRecord> run_sweep(const SweepPlan& plan, const SweepOptions& options);
 
 // Where a plan without --data reads its images: Debian's Fashion-MNIST.
 std::string default_data_path();
+
+// Parses "I/N" (0 ≤ I < N): UserError otherwise.
+std::pair<int, int> parse_shard(const std::string& text);
+// Parses a device list "0,1,3": UserError on anything but distinct non-negative integers.
+std::vector<int> parse_device_list(const std::string& text);
 
 }  // namespace cimsweep

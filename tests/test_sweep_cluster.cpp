@@ -1,0 +1,284 @@
+// Sweeps split for a cluster: shards and devices together do exactly the unsharded sweep, `merge`
+// is idempotent and refuses results that disagree, and a sweep killed with SIGKILL again and
+// again, then resumed, ends with the uninterrupted table and no trial counted twice.
+#include <fcntl.h>
+#include <gtest/gtest.h>
+#include <signal.h>
+#include <spawn.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <chrono>
+#include <filesystem>
+#include <fstream>
+#include <map>
+#include <random>
+#include <set>
+#include <sstream>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include <nlohmann/json.hpp>
+
+#include "host/errors.h"
+#include "host/results.h"
+#include "host/sweep.h"
+#include "tests/test_util.h"
+
+extern char** environ;
+
+namespace {
+
+using cimsweep::testing::read_text;
+using cimsweep::testing::run_cimsweep;
+using cimsweep::testing::TempDir;
+
+const std::string kModel = std::string(CIMSWEEP_SOURCE_DIR) +
+                           "/tests/data/golden_resnet8_k5_w3_11x13_shortcutB_exits.safetensors";
+
+void put_be32(std::ofstream& out, uint32_t v) {
+  const unsigned char b[4] = {uint8_t(v >> 24), uint8_t(v >> 16), uint8_t(v >> 8), uint8_t(v)};
+  out.write(reinterpret_cast<const char*>(b), 4);
+}
+
+// 42 grey 11×13 images of 7 classes as MNIST-style IDX files.
+void write_idx_data(const std::string& dir, uint32_t seed) {
+  std::mt19937 rng(seed);
+  const int count = 42, h = 11, w = 13;
+  std::ofstream images(dir + "/t10k-images-idx3-ubyte", std::ios::binary);
+  put_be32(images, 0x803);
+  put_be32(images, count);
+  put_be32(images, h);
+  put_be32(images, w);
+  for (int i = 0; i < count * h * w; ++i) images.put(char(rng() & 0xff));
+  std::ofstream labels(dir + "/t10k-labels-idx1-ubyte", std::ios::binary);
+  put_be32(labels, 0x801);
+  put_be32(labels, count);
+  for (int i = 0; i < count; ++i) labels.put(char(i % 7));
+}
+
+std::vector<std::string> lines(const std::string& text) {
+  std::vector<std::string> out;
+  std::stringstream ss(text);
+  for (std::string line; std::getline(ss, line);) out.push_back(line);
+  return out;
+}
+
+// (model, σ, trial) → correct, for comparing what two runs computed regardless of file order.
+std::map<std::string, uint64_t> results_by_unit(const std::vector<cimsweep::TrialRecord>& records) {
+  std::map<std::string, uint64_t> out;
+  for (const auto& r : records) out[cimsweep::unit_key(r)] = r.correct;
+  return out;
+}
+
+class Cluster : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    write_idx_data(dir.path(), cimsweep::testing::test_seed(777));
+    common = kModel + " --data " + dir.path() + " --quiet --batch 16 --format csv";
+  }
+  TempDir dir;
+  std::string common;
+};
+
+TEST_F(Cluster, EveryShardCountUnionEqualsTheUnshardedSweep) {
+  const std::string sweep = "sweep " + common + " --sigmas 0,0.05,0.1 --trials 3";
+  const auto whole = run_cimsweep(sweep + " --results " + dir.file("whole.jsonl"));
+  ASSERT_EQ(whole.exit_code, 0) << whole.err;
+  const auto expected = results_by_unit(cimsweep::read_results_file(dir.file("whole.jsonl")));
+  ASSERT_EQ(expected.size(), 10u);  // clean + 3 σ × 3 trials
+
+  for (int shards : {2, 3, 11}) {
+    std::string files;
+    size_t units = 0;
+    for (int i = 0; i < shards; ++i) {
+      const std::string file = dir.file("n" + std::to_string(shards) + "_" + std::to_string(i));
+      const auto r = run_cimsweep(sweep + " --shard " + std::to_string(i) + "/" +
+                                  std::to_string(shards) + " --results " + file);
+      ASSERT_EQ(r.exit_code, 0) << r.err;
+      // A shard without units (11 shards of 10 units) runs nothing and leaves no file.
+      const size_t in_shard =
+          std::filesystem::exists(file) ? cimsweep::read_results_file(file).size() : 0;
+      // Round-robin shares: sizes differ by at most one unit.
+      EXPECT_LE(in_shard, (expected.size() + shards - 1) / shards);
+      EXPECT_GE(in_shard, expected.size() / shards);
+      units += in_shard;
+      if (in_shard > 0) files += " " + file;
+    }
+    EXPECT_EQ(units, expected.size()) << shards << " shards: a unit ran twice or not at all";
+    const auto merged = run_cimsweep("merge" + files + " --format csv --results " +
+                                     dir.file("merged" + std::to_string(shards)));
+    ASSERT_EQ(merged.exit_code, 0) << merged.err;
+    EXPECT_EQ(merged.out, whole.out) << shards << " shards";
+    EXPECT_EQ(results_by_unit(cimsweep::read_results_file(dir.file("merged" + std::to_string(shards)))),
+              expected);
+  }
+}
+
+TEST_F(Cluster, DevicesSplitTheTrialsWithoutChangingThem) {
+  const std::string sweep = "sweep " + common + " --sigmas 0.05,0.1 --trials 4";
+  const auto one = run_cimsweep(sweep + " --results " + dir.file("one.jsonl"));
+  ASSERT_EQ(one.exit_code, 0) << one.err;
+  for (const std::string devices : {"0,1", "3,1,2"}) {
+    const std::string file = dir.file("dev" + devices + ".jsonl");
+    const auto many = run_cimsweep(sweep + " --backend cpu --devices " + devices + " --results " + file);
+    ASSERT_EQ(many.exit_code, 0) << many.err;
+    EXPECT_EQ(many.out, one.out) << devices;
+    const auto records = cimsweep::read_results_file(file);
+    EXPECT_EQ(results_by_unit(records),
+              results_by_unit(cimsweep::read_results_file(dir.file("one.jsonl"))));
+    std::set<int> workers;
+    for (const auto& r : records)
+      if (r.extra.contains("worker")) workers.insert(r.extra["worker"].get<int>());
+    EXPECT_GE(workers.size(), 2u) << "the trials did not spread over the workers";
+  }
+}
+
+TEST_F(Cluster, MergeIsIdempotentAndKeepsAShardThatRanTwiceOnce) {
+  const std::string sweep = "sweep " + common + " --sigmas 0.1 --trials 3";
+  for (int i = 0; i < 2; ++i)
+    ASSERT_EQ(run_cimsweep(sweep + " --shard " + std::to_string(i) + "/2 --results " +
+                           dir.file("s" + std::to_string(i)))
+                  .exit_code,
+              0);
+  const std::string shards = dir.file("s0") + " " + dir.file("s1");
+  const auto first = run_cimsweep("merge " + shards + " --results " + dir.file("m.jsonl"));
+  ASSERT_EQ(first.exit_code, 0) << first.err;
+  const std::string merged_once = read_text(dir.file("m.jsonl"));
+  EXPECT_EQ(lines(merged_once).size(), 4u);
+  // Again, with shard 0 listed twice and the merged file among the inputs.
+  const auto second = run_cimsweep("merge " + shards + " " + dir.file("s0") + " " +
+                                   dir.file("m.jsonl") + " --results " + dir.file("m.jsonl"));
+  ASSERT_EQ(second.exit_code, 0) << second.err;
+  EXPECT_EQ(read_text(dir.file("m.jsonl")), merged_once);
+  EXPECT_EQ(second.out, first.out);
+}
+
+TEST_F(Cluster, MergeRefusesResultsThatDisagree) {
+  ASSERT_EQ(run_cimsweep("sweep " + common + " --sigmas 0.1 --trials 2 --no-clean --results " +
+                         dir.file("a"))
+                .exit_code,
+            0);
+  // The same units with one result changed, as a shard from another build would have them.
+  std::string text = read_text(dir.file("a"));
+  auto record = nlohmann::json::parse(lines(text)[0]);
+  record["correct"] = record["correct"].get<int>() + 1;
+  cimsweep::testing::write_text(dir.file("b"), record.dump() + "\n");
+  const auto r = run_cimsweep("merge " + dir.file("a") + " " + dir.file("b"));
+  EXPECT_EQ(r.exit_code, 2);
+  EXPECT_NE(r.err.find("disagree"), std::string::npos) << r.err;
+  EXPECT_EQ(lines(r.err).size(), 1u) << r.err;
+  // Another configuration under the same model label.
+  ASSERT_EQ(run_cimsweep("sweep " + common + " --sigmas 0.1 --trials 1 --no-clean --rows 16 "
+                         "--results " + dir.file("c"))
+                .exit_code,
+            0);
+  const auto mixed = run_cimsweep("merge " + dir.file("a") + " " + dir.file("c"));
+  EXPECT_EQ(mixed.exit_code, 2);
+  EXPECT_NE(mixed.err.find("two configurations"), std::string::npos) << mixed.err;
+}
+
+TEST_F(Cluster, BadShardsAndDeviceListsGetOneLine) {
+  for (const std::string shard : {"3/3", "1", "a/b", "-1/2", "0/0", "1/2/3", "0/ 2"}) {
+    const auto r = run_cimsweep("sweep " + common + " --sigmas 0.1 --shard '" + shard + "'");
+    EXPECT_EQ(r.exit_code, 2) << shard << ": " << r.err;
+    EXPECT_NE(r.err.find("--shard"), std::string::npos) << r.err;
+    EXPECT_EQ(lines(r.err).size(), 1u) << r.err;
+  }
+  for (const std::string devices : {"0,0", "a", "0,,1", "-1"}) {
+    const auto r = run_cimsweep("sweep " + common + " --sigmas 0.1 --devices '" + devices + "'");
+    EXPECT_EQ(r.exit_code, 2) << devices << ": " << r.err;
+    EXPECT_NE(r.err.find("--devices"), std::string::npos) << r.err;
+  }
+  const auto none = run_cimsweep("merge " + dir.file("missing.jsonl"));
+  EXPECT_EQ(none.exit_code, 2);
+  EXPECT_NE(none.err.find("missing.jsonl"), std::string::npos) << none.err;
+}
+
+TEST(ShardParsing, AcceptsIOverNAndRejectsTheRest) {
+  EXPECT_EQ(cimsweep::parse_shard("0/1"), std::make_pair(0, 1));
+  EXPECT_EQ(cimsweep::parse_shard("7/8"), std::make_pair(7, 8));
+  EXPECT_THROW(cimsweep::parse_shard("8/8"), cimsweep::UserError);
+  EXPECT_THROW(cimsweep::parse_shard("99999999999/2"), cimsweep::UserError);
+  EXPECT_EQ(cimsweep::parse_device_list("2,0"), (std::vector<int>{2, 0}));
+  EXPECT_THROW(cimsweep::parse_device_list(""), cimsweep::UserError);
+}
+
+// Starts cimsweep with its output thrown away; returns the pid.
+pid_t spawn_cimsweep(const std::vector<std::string>& args) {
+  std::vector<std::string> argv_text = {CIMSWEEP_BINARY};
+  argv_text.insert(argv_text.end(), args.begin(), args.end());
+  std::vector<char*> argv;
+  for (auto& a : argv_text) argv.push_back(a.data());
+  argv.push_back(nullptr);
+  posix_spawn_file_actions_t actions;
+  posix_spawn_file_actions_init(&actions);
+  posix_spawn_file_actions_addopen(&actions, 1, "/dev/null", O_WRONLY, 0);
+  posix_spawn_file_actions_addopen(&actions, 2, "/dev/null", O_WRONLY, 0);
+  pid_t pid = -1;
+  const int rc = posix_spawn(&pid, argv[0], &actions, nullptr, argv.data(), environ);
+  posix_spawn_file_actions_destroy(&actions);
+  if (rc != 0) return -1;
+  return pid;
+}
+
+TEST_F(Cluster, KilledAgainAndAgainThenResumedLosesAndRepeatsNothing) {
+  const uint32_t seed = cimsweep::testing::test_seed(2718);
+  std::mt19937 rng(seed);
+  const std::vector<std::string> sweep = {
+      "sweep", kModel, "--data", dir.path(), "--quiet", "--batch", "16", "--threads", "1",
+      "--sigmas", "0.05,0.1", "--trials", "25", "--format", "csv"};
+  const auto whole = run_cimsweep("sweep " + common + " --threads 1 --sigmas 0.05,0.1 --trials 25");
+  ASSERT_EQ(whole.exit_code, 0) << whole.err;
+
+  std::vector<std::string> resumed = sweep;
+  for (const char* a : {"--results", "", "--resume", "--output", ""}) resumed.push_back(a);
+  resumed[resumed.size() - 4] = dir.file("r.jsonl");
+  resumed.back() = dir.file("table.csv");
+  int kills = 0, finished = 0;
+  size_t previous_lines = 0;
+  for (int attempt = 0; attempt < 60 && !finished; ++attempt) {
+    const pid_t pid = spawn_cimsweep(resumed);
+    ASSERT_GT(pid, 0);
+    // Kill at a random moment: during start-up, mid-trial, mid-append, or never if it finishes.
+    const auto deadline =
+        std::chrono::steady_clock::now() + std::chrono::milliseconds(30 + rng() % 400);
+    int status = 0;
+    pid_t done = 0;
+    while ((done = waitpid(pid, &status, WNOHANG)) == 0 && std::chrono::steady_clock::now() < deadline)
+      std::this_thread::sleep_for(std::chrono::milliseconds(2));
+    if (done == 0) {
+      kill(pid, SIGKILL);
+      waitpid(pid, &status, 0);
+      ++kills;
+      // The table is written atomically at the end: a killed run leaves none or a whole one.
+      EXPECT_FALSE(std::filesystem::exists(dir.file("table.csv")) &&
+                   read_text(dir.file("table.csv")) != whole.out);
+    } else {
+      ASSERT_TRUE(WIFEXITED(status) && WEXITSTATUS(status) == 0) << "status " << status;
+      finished = 1;
+    }
+    // Whatever the kill left, every complete line is a record and the records only grow.
+    if (std::filesystem::exists(dir.file("r.jsonl"))) {
+      const auto records = cimsweep::read_results_file(dir.file("r.jsonl"));
+      EXPECT_GE(records.size(), previous_lines);
+      previous_lines = records.size();
+    }
+  }
+  ASSERT_TRUE(finished) << "the sweep never finished between kills";
+  EXPECT_GE(kills, 3) << "too few kills landed mid-sweep for this test to mean anything";
+  std::printf("[ kills    ] %d kills survived\n", kills);
+  EXPECT_EQ(read_text(dir.file("table.csv")), whole.out);
+
+  // No unit twice in the file, and every line a complete record.
+  std::set<std::string> keys;
+  const auto raw = lines(read_text(dir.file("r.jsonl")));
+  for (const auto& line : raw) {
+    const auto record = cimsweep::trial_from_json(nlohmann::json::parse(line));
+    EXPECT_TRUE(keys.insert(cimsweep::unit_key(record)).second) << "twice: " << line;
+  }
+  EXPECT_EQ(raw.size(), 51u);  // clean + 2 σ × 25 trials
+}
+
+}  // namespace
