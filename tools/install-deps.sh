@@ -13,6 +13,14 @@ packages=(
   libgtest-dev libgmock-dev                              # tests
   dataset-fashion-mnist                                  # the default data set
 )
+# Optional: --with-slurm adds a Slurm controller, node daemon and munge, which the integration
+# test tests/slurm/run_slurm_test.sh starts as a one-node cluster (it is skipped without them).
+for arg in "$@"; do
+  case "$arg" in
+    --with-slurm) packages+=(slurm-wlm munge) ;;
+    *) echo "install-deps: unknown option '$arg' (known: --with-slurm)" >&2; exit 2 ;;
+  esac
+done
 
 sudo=""
 if [ "$(id -u)" -ne 0 ]; then sudo="sudo"; fi
