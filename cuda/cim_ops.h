@@ -1,0 +1,252 @@
+// The per-element work of every CUDA kernel of the CIM backend, as HOST_DEVICE functions on plain
+// structs: each kernel calls one of these per thread, and the CPU reference of that kernel
+// (cuda/cim_reference.cpp) calls the same function in a loop. The arithmetic mirrors
+// host/cim_cpu.cpp operation for operation (same helpers of kernels/cim_math.h, same order of the
+// double accumulation), so that a GPU result can be compared bit for bit with its reference and
+// within float rounding with the CPU backend. No CUDA header is needed to include this file.
+#pragma once
+#include <stdint.h>
+#include <string.h>
+
+#include "kernels/cim_math.h"
+#include "kernels/host_device.h"
+#include "kernels/noise.h"
+
+namespace cimsweep::cimops {
+
+// One CIM layer applied to one batch. Positions q = (image, oy, ox) in that order, as the CPU
+// backend numbers them; the im2col'ed input is [rows][positions] in the mapped row order.
+struct LayerGeometry {
+  int in_channels = 0, in_h = 0, in_w = 0;
+  int kernel_h = 1, kernel_w = 1, stride = 1, pad = 0;
+  int out_channels = 0, out_h = 0, out_w = 0, images = 0;
+  int rows = 0;           // in_channels·kernel_h·kernel_w
+  int64_t positions = 0;  // images·out_h·out_w
+};
+
+// §3 and the im2col gather: the input level A that mapped row `r` (logical row `logical`) sees at
+// output position q; 0 in the zero padding.
+HOST_DEVICE inline uint16_t mapped_input_level(const float* x, const LayerGeometry& g, int logical,
+                                               int64_t q, float a_max, int input_bits) {
+  const int taps = g.kernel_h * g.kernel_w;
+  const int c = logical / taps, i = (logical % taps) / g.kernel_w, j = logical % g.kernel_w;
+  const int64_t plane = int64_t(g.out_h) * g.out_w;
+  const int64_t image = q / plane;
+  const int within = int(q % plane);
+  const int oy = within / g.out_w, ox = within % g.out_w;
+  const int iy = oy * g.stride - g.pad + i, ix = ox * g.stride - g.pad + j;
+  if (iy < 0 || iy >= g.in_h || ix < 0 || ix >= g.in_w) return 0;
+  const float a = x[((image * g.in_channels + c) * g.in_h + iy) * g.in_w + ix];
+  return uint16_t(cim::input_level(a, a_max, input_bits));
+}
+
+// What programming a sub-array needs (cim-model.md §1, §2).
+struct ChipParams {
+  const uint16_t* levels = nullptr;        // D[o][logical row], the layer's weight levels
+  const int* mapped_to_logical = nullptr;  // mapped row → logical row (c, i, j)
+  int rows = 0, outs = 0, slices = 0, cell_bits = 0;
+  int ref_rows = 1;  // 1: the all-ones counting row; slices: varied reference cells
+  double inv_onoff = 0, sigma = 0;
+  bool clamp_at_zero = false;
+  cim::NoiseKey key;
+  uint32_t layer = 0;  // the layer's forward-order number: keys its noise
+};
+
+// Column k (mapped row r0 + k) of one sub-array's GEMM operand [slices·outs + ref_rows][width],
+// the layout of CpuCimBackend::programmed_subarray: for o < outs the `slices` cells of output o;
+// for o == outs the reference rows. σ = 0 stores integer levels (exact partial sums, §7).
+HOST_DEVICE inline void program_operand_column(const ChipParams& p, int r0, int width, int k, int o,
+                                               uint32_t read, float* operand) {
+  const int logical = p.mapped_to_logical[r0 + k];
+  if (o < p.outs) {
+    const int level = p.levels[int64_t(o) * p.rows + logical];
+    const uint64_t first_cell = (uint64_t(o) * p.rows + logical) * p.slices;
+    float z[4] = {0, 0, 0, 0};
+    uint64_t cached_group = ~uint64_t{0};
+    for (int m = 0; m < p.slices; ++m) {
+      const int cell = cim::cell_level(level, m, p.cell_bits);
+      double value = cell;
+      if (p.sigma != 0) {
+        const uint64_t cell_id = first_cell + m;
+        if ((cell_id >> 2) != cached_group) {
+          cached_group = cell_id >> 2;
+          cim::normal4(p.key, p.layer, cim::kWeightCells, cached_group, read, z);
+        }
+        value = cim::vary_conductance(cim::cell_conductance(cell, p.cell_bits, p.inv_onoff),
+                                      p.sigma, z[cell_id & 3], p.clamp_at_zero);
+      }
+      operand[int64_t(m * p.outs + o) * width + k] = float(value);
+    }
+    return;
+  }
+  const double g_ref = cim::reference_conductance(p.cell_bits, p.inv_onoff);
+  for (int m = 0; m < p.ref_rows; ++m) {
+    double value = 1.0;  // the all-ones row counts Σ b; Pref = g_ref·Σ b
+    if (p.ref_rows > 1) {
+      const float z = cim::cell_noise(p.key, p.layer, cim::kReferenceCells,
+                                      uint64_t(logical) * p.slices + m, read);
+      value = cim::vary_conductance(g_ref, p.sigma, z, p.clamp_at_zero);
+    }
+    operand[int64_t(p.slices * p.outs + m) * width + k] = float(value);
+  }
+}
+
+// acc + a·bit for bit ∈ {0, 1}: a·bit is exact, so a fused and an unfused multiply-add round the
+// same way; the partial sums are accumulated over k = 0, 1, … in this order on both sides.
+HOST_DEVICE inline float add_bit_product(float acc, float a, float bit) {
+#if defined(__CUDA_ARCH__)
+  return __fmaf_rn(a, bit, acc);
+#else
+  return acc + a * bit;
+#endif
+}
+
+// One partial sum of one read: Σ_k operand[row][k]·b_t[r0 + k][q], k ascending (the exact mode's
+// summation order, which the tiled kernel keeps).
+HOST_DEVICE inline float partial_sum(const float* operand_row, int width, const uint16_t* mapped,
+                                     int64_t positions, int r0, int64_t q, int bit) {
+  float acc = 0.0f;
+  for (int k = 0; k < width; ++k)
+    acc = add_bit_product(acc, operand_row[k],
+                          float((mapped[int64_t(r0 + k) * positions + q] >> bit) & 1));
+  return acc;
+}
+
+enum class AdcKind : int { kDynamic = 0, kFixed = 1, kCalibrated = 2, kIdeal = 3 };
+
+// How the partial sums of a layer's reads become ADC codes and are recombined (§4, §5).
+struct ReadParams {
+  int outs = 0, slices = 0, ref_rows = 1, cell_bits = 0, adc_bits = 0, input_bits = 0;
+  AdcKind adc = AdcKind::kIdeal;
+  bool clean = true;        // σ = 0: P holds exact integer Σ d·b
+  bool ideal_clean = true;  // σ = 0 and ADC ideal: the exact integer path (and calibration)
+  double inv_onoff = 0, g_ref = 0, gain = 0;
+  double calibrated_full_scale = 0;
+  int64_t positions = 0;
+  HOST_DEVICE int operand_rows() const { return slices * outs + ref_rows; }
+};
+
+// The partial sum in level units (σ = 0: from the exact integer Σ d·b and the count Σ b, §7).
+HOST_DEVICE inline double weight_value(const ReadParams& p, float raw, float count) {
+  return p.clean ? cim::CleanPartialSum(p.cell_bits, p.inv_onoff)(double(raw), double(count))
+                 : double(raw);
+}
+
+// Pref of slice m at position q, from one read's partial sums P [operand_rows][positions].
+HOST_DEVICE inline double reference_value(const ReadParams& p, const float* P, int64_t q, int m) {
+  const float* ref = P + int64_t(p.slices * p.outs) * p.positions;
+  if (p.ref_rows == 1) return cim::mul_rn(p.g_ref, double(ref[q]));
+  return double(ref[int64_t(m) * p.positions + q]);
+}
+
+// The ADC ranges of one read and slice (ADC `dynamic`): weights' and reference's [lo, hi].
+struct SliceRange {
+  double lo, hi, ref_lo, ref_hi;
+};
+
+// Order-preserving 64-bit keys of doubles, so that min/max reductions can use integer atomics
+// (the result does not depend on the order in which blocks arrive).
+HOST_DEVICE inline uint64_t order_key(double v) {
+  uint64_t bits;
+#if defined(__CUDA_ARCH__)
+  bits = uint64_t(__double_as_longlong(v));
+#else
+  memcpy(&bits, &v, sizeof bits);
+#endif
+  return (bits >> 63) ? ~bits : (bits | (uint64_t(1) << 63));
+}
+HOST_DEVICE inline double from_order_key(uint64_t key) {
+  const uint64_t bits = (key >> 63) ? (key & ~(uint64_t(1) << 63)) : ~key;
+#if defined(__CUDA_ARCH__)
+  return __longlong_as_double((long long)bits);
+#else
+  double v;
+  memcpy(&v, &bits, sizeof v);
+  return v;
+#endif
+}
+
+// Which range a partial-sum row of the operand feeds: slice m's weight range (returns m), or the
+// reference range (returns slices + m; with the single counting row every slice's reference).
+HOST_DEVICE inline int range_slot(const ReadParams& p, int row) {
+  if (row < p.slices * p.outs) return row / p.outs;
+  return p.slices + (row - p.slices * p.outs);
+}
+// The value the dynamic ADC's range is taken over for row `row`, position q.
+HOST_DEVICE inline double range_value(const ReadParams& p, const float* P, int row, int64_t q) {
+  if (row < p.slices * p.outs) {
+    const float count = P[int64_t(p.slices * p.outs) * p.positions + q];
+    return weight_value(p, P[int64_t(row) * p.positions + q], count);
+  }
+  return reference_value(p, P, q, row - p.slices * p.outs);
+}
+
+HOST_DEVICE inline double quantise(const ReadParams& p, double x, double lo, double hi,
+                                   int subarray_rows) {
+  switch (p.adc) {
+    case AdcKind::kDynamic:
+      return cim::DynamicAdc(lo, hi, p.adc_bits)(x);
+    case AdcKind::kFixed:
+      return cim::FixedAdc(double(subarray_rows) * cim::max_code(p.cell_bits), p.adc_bits)(x);
+    case AdcKind::kCalibrated:
+      return cim::FixedAdc(p.calibrated_full_scale, p.adc_bits)(x);
+    case AdcKind::kIdeal:
+      break;
+  }
+  return x;
+}
+
+// One read's contribution to output (o, q): acc + Σ_m 2^(t + cb·m)·gain·(Q(P) − Q(Pref)), slices
+// in ascending order as the CPU backend adds them. `ranges` are the read's [slices] ranges (ADC
+// dynamic only). With ideal_clean, the exact integer form and the largest partial sum seen.
+HOST_DEVICE inline double accumulate_read(const ReadParams& p, const float* P,
+                                          const SliceRange* ranges, int subarray_rows, int bit,
+                                          int o, int64_t q, double acc, double* largest) {
+  const float count = P[int64_t(p.slices * p.outs) * p.positions + q];
+  if (p.ideal_clean) {
+    const cim::CleanPartialSum partial(p.cell_bits, p.inv_onoff);
+    const double levels = cim::max_code(p.cell_bits);
+    double most = *largest;
+    const double ref = cim::mul_rn(p.g_ref, double(count));
+    most = ref > most ? ref : most;
+    for (int m = 0; m < p.slices; ++m) {
+      const double place = ldexp(1.0, bit + p.cell_bits * m);
+      const float raw = P[int64_t(m * p.outs + o) * p.positions + q];
+      const double value = partial(double(raw), double(count));
+      most = value > most ? value : most;
+      acc = cim::add_rn(acc, cim::mul_rn(place, cim::sub_rn(cim::mul_rn(2.0, double(raw)),
+                                                            cim::mul_rn(levels, double(count)))));
+    }
+    *largest = most;
+    return acc;
+  }
+  for (int m = 0; m < p.slices; ++m) {
+    const double place = ldexp(1.0, bit + p.cell_bits * m);
+    const SliceRange r = ranges ? ranges[m] : SliceRange{0, 0, 0, 0};
+    const double ref_code =
+        quantise(p, reference_value(p, P, q, m), r.ref_lo, r.ref_hi, subarray_rows);
+    const double code =
+        quantise(p, weight_value(p, P[int64_t(m * p.outs + o) * p.positions + q], count), r.lo,
+                 r.hi, subarray_rows);
+    acc = cim::add_rn(acc, cim::mul_rn(place, cim::mul_rn(p.gain, cim::sub_rn(code, ref_code))));
+  }
+  return acc;
+}
+
+// §5 and the bias: y = float(scale·acc + bias), as the CPU backend rounds it.
+HOST_DEVICE inline float output_value(double output_scale, double acc, const float* bias, int o) {
+  const double b = bias ? double(bias[o]) : 0.0;
+  return float(cim::add_rn(cim::mul_rn(output_scale, acc), b));
+}
+
+// Index of output (image, o, p) of y [images][outs][plane] in the accumulator [outs][positions].
+HOST_DEVICE inline int64_t accumulator_index(int64_t y_index, int outs, int64_t plane,
+                                             int64_t positions) {
+  const int64_t p = y_index % plane;
+  const int64_t rest = y_index / plane;
+  const int o = int(rest % outs);
+  const int64_t image = rest / outs;
+  return int64_t(o) * positions + image * plane + p;
+}
+
+}  // namespace cimsweep::cimops
