@@ -13,15 +13,13 @@
 
 #include "host/cim_cpu.h"
 #include "host/errors.h"
+#include "host/exit_policy.h"
 #include "host/model_file.h"
 #include "host/results.h"
 #include "host/slurm.h"
 #include "host/sweep.h"
 #include "host/sweep_spec.h"
-
-#if defined(CIMSWEEP_HAVE_CUDA)
-#include "cuda/device_info.h"
-#endif
+#include "train/train_command.h"
 
 namespace cimsweep {
 namespace {
@@ -29,10 +27,12 @@ namespace {
 // Options shared by `eval` and `sweep`.
 struct RunOptions {
   std::vector<std::pair<std::string, std::string>> cim;  // CIM options in command-line order
-  std::string data, split, results, format = "md", output, backend = "auto", shard, devices;
+  std::string data, split, results, format = "md", output, backend = "auto", shard, devices,
+                                                            precision = "exact";
   long long limit = -1;
-  int trials = -1, first_trial = -1, threads = 0;
+  int trials = -1, first_trial = -1, threads = 0, device = 0;
   bool resume = false, quiet = false, no_clean = false;
+  ExitPolicyOptions exit_policy;  // --exit-policy and its calibration, --entropy-grid
 };
 
 void add_run_options(CLI::App* cmd, RunOptions& o) {
@@ -50,10 +50,29 @@ void add_run_options(CLI::App* cmd, RunOptions& o) {
                   "write the table to this file (atomically) instead of stdout");
   cmd->add_flag("--no-clean", o.no_clean, "skip the clean (σ = 0, ADC ideal) reference run");
   cmd->add_option("--threads", o.threads, "CPU threads (default: all cores)");
-  cmd->add_option("--backend", o.backend, "auto or cpu (default auto)");
+  cmd->add_option("--backend", o.backend,
+                  "auto (the GPU if a usable one is found, else the CPU), cpu or cuda (default auto)");
+  cmd->add_option("--device", o.device, "GPU number (default 0)");
   cmd->add_option("--devices", o.devices,
-                  "spread trials over these devices of one machine, e.g. 0,1,2,3 (default one)");
+                  "spread trials over these GPUs of one machine, e.g. 0,1,2,3 (with the CPU "
+                  "backend: as many CPU workers)");
+  cmd->add_option("--precision", o.precision,
+                  "CUDA backend: exact (agrees with the CPU to ~1e-5) or fast (fp16 tensor "
+                  "cores) (default exact)");
   cmd->add_flag("--quiet", o.quiet, "no progress line");
+  cmd->add_option("--exit-policy", o.exit_policy.policy,
+                  "multi-exit models: fixed:E, entropy:T1,T2,…, best-static, sigma-aware or "
+                  "sigma-aware-learned (exits numbered 1 … E, E = final)");
+  cmd->add_option(
+      "--calibration", o.exit_policy.calibration_images,
+      "images held apart (before --limit) to calibrate best-static/sigma-aware policies");
+  cmd->add_option("--calibration-trials", o.exit_policy.calibration_trials,
+                  "calibration chips per σ (default 3)");
+  cmd->add_option("--mac-budget", o.exit_policy.mac_budget,
+                  "best-static/sigma-aware: mean MACs per image at most this");
+  cmd->add_option("--entropy-grid", o.exit_policy.entropy_grid,
+                  "G: also evaluate G+1 shared entropy thresholds 0 … ln(classes) and print the "
+                  "accuracy–compute frontier per σ");
 
   struct CimOption {
     const char* name;
@@ -115,36 +134,48 @@ void apply_run_options(const RunOptions& o, SweepPlan& plan) {
   if (o.first_trial >= 0) plan.first_trial = o.first_trial;
   if (o.no_clean) plan.clean_reference = false;
   if (o.threads < 0) throw UserError("--threads must be at least 1 (or leave it out: all cores)");
-  if (o.backend != "auto" && o.backend != "cpu") {
-    if (o.backend == "cuda")
-      throw UserError("--backend cuda: this version has no CUDA backend yet; use --backend cpu");
-    throw UserError("unknown --backend '" + o.backend + "': use auto or cpu");
-  }
+  if (o.device < 0) throw UserError("--device must be a GPU number ≥ 0 (see nvidia-smi)");
   if (o.format != "md" && o.format != "csv" && o.format != "json")
     throw UserError("unknown --format '" + o.format + "': use md, csv or json");
   if (o.resume && o.results.empty())
     throw UserError("--resume needs --results FILE: the file whose finished trials to skip");
 }
 
-// One line on stderr saying where the work runs: the CPU reference backend in this version.
-void announce_backend(int workers) {
-  std::string why;
-#if defined(CIMSWEEP_HAVE_CUDA)
-  const std::string gpu = cuda_device_summary();
-  why = gpu.empty() ? "no GPU found" : gpu + " found, but the CUDA backend is not in this version";
-#else
-  why = "built without CUDA";
-#endif
-  if (workers > 1)
-    std::fprintf(stderr, "cimsweep: CPU backend, %d workers × %d threads (%s)\n", workers,
-                 std::max(1, omp_get_max_threads() / workers), why.c_str());
-  else
+// The workers of a run, one per device, with the reason for the one-line backend notice.
+std::vector<BackendResolution> resolve_workers(const RunOptions& o) {
+  const std::vector<int> devices =
+      o.devices.empty() ? std::vector<int>{o.device} : parse_device_list(o.devices);
+  const BackendChoice::Precision precision = parse_precision(o.precision);
+  std::vector<BackendResolution> workers;
+  for (int device : devices) {
+    BackendResolution r = resolve_backend(o.backend, device);
+    r.choice.precision = precision;
+    workers.push_back(r);
+  }
+  return workers;
+}
+
+// One line on stderr saying where the work runs, and why there (e.g. why not on a GPU).
+void announce_backend(const std::vector<BackendResolution>& workers) {
+  const BackendResolution& first = workers.front();
+  const int count = int(workers.size());
+  if (first.choice.kind == BackendChoice::Kind::kCuda) {
+    for (const BackendResolution& w : workers)
+      std::fprintf(stderr, "cimsweep: CUDA backend (%s) on GPU %d: %s\n",
+                   w.choice.precision == BackendChoice::Precision::kFast ? "fast" : "exact",
+                   w.choice.device, w.reason.c_str());
+  } else if (count > 1) {
+    std::fprintf(stderr, "cimsweep: CPU backend, %d workers × %d threads (%s)\n", count,
+                 std::max(1, omp_get_max_threads() / count), first.reason.c_str());
+  } else {
     std::fprintf(stderr, "cimsweep: CPU backend, %d threads (%s)\n", omp_get_max_threads(),
-                 why.c_str());
+                 first.reason.c_str());
+  }
 }
 
 void emit_table(const std::vector<TrialRecord>& records, const RunOptions& o) {
-  const std::string table = format_table(aggregate(records), o.format);
+  const std::string table =
+      add_frontier(format_table(aggregate(records), o.format), records, o.format);
   if (o.output.empty()) {
     std::cout << table;
     if (!table.empty() && table.back() != '\n') std::cout << '\n';
@@ -258,6 +289,8 @@ int run_cli(int argc, char** argv) {
   SlurmOptions slurm_options;
   CLI::App* slurm = add_slurm_subcommand(app, slurm_options);
 
+  train::TrainCommand train_command(app);
+
   try {
     try {
       app.parse(argc, argv);
@@ -267,6 +300,7 @@ int run_cli(int argc, char** argv) {
     if (info->parsed()) return run_info(info_model);
     if (slurm->parsed()) return run_slurm(slurm_options, std::cout);
     if (merge->parsed()) return run_merge(merge_inputs, merge_options);
+    if (train_command.parsed()) return train_command.run(argc, argv);
 
     const bool is_eval = eval->parsed();
     RunOptions& o = is_eval ? eval_options : sweep_options;
@@ -291,10 +325,10 @@ int run_cli(int argc, char** argv) {
     options.resume = o.resume;
     options.show_progress = !o.quiet;
     if (!o.shard.empty()) std::tie(options.shard_index, options.shard_count) = parse_shard(o.shard);
-    if (!o.devices.empty())
-      for (int device : parse_device_list(o.devices))
-        options.workers.push_back({BackendChoice::Kind::kCpu, device});
-    options.on_start = [&options] { announce_backend(int(options.workers.size())); };
+    const std::vector<BackendResolution> workers = resolve_workers(o);
+    for (const BackendResolution& w : workers) options.workers.push_back(w.choice);
+    options.on_start = [&workers] { announce_backend(workers); };
+    options.exit_policy = o.exit_policy;
     const std::vector<TrialRecord> records = run_sweep(plan, options);
     emit_table(records, o);
     return 0;

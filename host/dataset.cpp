@@ -8,11 +8,14 @@
 
 #include <algorithm>
 #include <cctype>
+#include <climits>
 #include <cstdio>
 #include <exception>
 #include <filesystem>
 #include <fstream>
 #include <functional>
+#include <initializer_list>
+#include <iterator>
 #include <memory>
 #include <system_error>
 #include <thread>
@@ -402,6 +405,92 @@ bool is_image_file(const fs::path& path) {
   return ext == ".jpg" || ext == ".jpeg" || ext == ".png" || ext == ".bmp";
 }
 
+// A bound on the pixels of one image, so that a header of a few bytes cannot make the loader
+// allocate gigabytes (stb accepts up to 2^24 x 2^24); far beyond any network input this simulates.
+constexpr int64_t kMaxImagePixels = int64_t(4096) * 4096;
+
+// Reads an image file whole: stb then decodes from memory the very bytes that were checked.
+std::vector<uint8_t> read_image_bytes(const fs::path& path) {
+  std::ifstream in(path, std::ios::binary);
+  std::vector<uint8_t> bytes;
+  if (in) bytes.assign(std::istreambuf_iterator<char>(in), std::istreambuf_iterator<char>());
+  if (!in && !in.eof()) {
+    throw UserError("cannot read image " + quoted(path) + "; check that it is a readable file");
+  }
+  if (bytes.size() > size_t(INT_MAX)) {  // stb takes the length as an int
+    throw UserError("image " + quoted(path) + " is over 2 GB; replace or remove it");
+  }
+  return bytes;
+}
+
+// Debian's stb_image 2.27 writes past its Huffman tables when a JPEG DHT segment declares more
+// than 256 codes (fixed upstream in 2.28). Walks the markers the way stb does (segments by their
+// length, entropy-coded data byte by byte) and checks every table stb would build. Returns the
+// problem, or an empty string.
+std::string jpeg_huffman_problem(const std::vector<uint8_t>& jpeg) {
+  const auto byte = [&](size_t at) -> size_t { return at < jpeg.size() ? jpeg[at] : 0; };
+  size_t at = 2;  // after the SOI marker
+  while (at + 1 < jpeg.size()) {
+    const uint8_t marker = jpeg[at + 1];
+    if (jpeg[at] != 0xff || marker == 0xff) {  // entropy-coded data or a fill byte
+      ++at;
+      continue;
+    }
+    // Stuffed 0xff, TEM, RSTn, SOI and EOI carry no length.
+    if (marker == 0x00 || marker == 0x01 || (marker >= 0xd0 && marker <= 0xd9)) {
+      at += 2;
+      continue;
+    }
+    const size_t length = byte(at + 2) << 8 | byte(at + 3);
+    if (marker == 0xc4) {
+      // Tables follow back to back while the segment has bytes left, as stb reads them.
+      size_t table = at + 4;
+      for (int64_t left = int64_t(length) - 2; left > 0;) {
+        size_t codes = 0;
+        for (size_t i = 1; i <= 16; ++i) codes += byte(table + i);
+        if (codes > 256) {
+          return "its JPEG Huffman table declares " + std::to_string(codes) +
+                 " codes, more than the 256 a table can hold";
+        }
+        table += 17 + codes;
+        left -= int64_t(17 + codes);
+      }
+    }
+    at += 2 + length;
+  }
+  return "";
+}
+
+// stb reserves an IDAT chunk's declared length before reading it, so a PNG of a few bytes that
+// declares a 2 GB chunk makes it allocate 2 GB: every chunk up to IEND must fit in the file.
+std::string png_chunk_problem(const std::vector<uint8_t>& png) {
+  size_t at = 8;  // after the signature
+  while (at + 8 <= png.size()) {
+    const size_t length = size_t(png[at]) << 24 | size_t(png[at + 1]) << 16 |
+                          size_t(png[at + 2]) << 8 | size_t(png[at + 3]);
+    if (std::equal(png.begin() + at + 4, png.begin() + at + 8, "IEND")) break;
+    if (length > png.size() - (at + 8)) {
+      return "a PNG chunk declares " + std::to_string(length) + " bytes, more than the " +
+             std::to_string(png.size() - (at + 8)) + " left in the file (truncated or corrupt)";
+    }
+    at += 12 + length;  // length, type, data, CRC
+  }
+  return "";
+}
+
+// stb picks the decoder by content and besides JPEG, PNG and BMP also decodes GIF, PSD, TGA, HDR,
+// PIC and PNM, whose decoders in Debian's stb 2.27 have known memory-safety bugs: only bytes that
+// start like the three formats this reader documents are handed to it.
+std::string image_bytes_problem(const std::vector<uint8_t>& bytes) {
+  const auto starts_with = [&](std::initializer_list<uint8_t> prefix) {
+    return bytes.size() >= prefix.size() && std::equal(prefix.begin(), prefix.end(), bytes.begin());
+  };
+  if (starts_with({0xff, 0xd8})) return jpeg_huffman_problem(bytes);
+  if (starts_with({0x89, 'P', 'N', 'G', '\r', '\n', 0x1a, '\n'})) return png_chunk_problem(bytes);
+  if (starts_with({'B', 'M'})) return "";
+  return "it is not a JPEG, PNG or BMP file";
+}
+
 bool has_sub_directories(const fs::path& dir) {
   for (const fs::path& entry : sorted_entries(dir)) {
     if (is_dir(entry)) return true;
@@ -448,7 +537,17 @@ Dataset load_image_folder(const fs::path& root, const std::string& shown) {
                     "); pass the directory that holds one sub-directory per class");
   }
 
-  // Pass 1 reads only headers: the common size, and whether any image has colour, must be known
+  // Both passes hand stb only bytes that image_bytes_problem() accepts.
+  const auto checked_image_bytes = [](const fs::path& path) {
+    std::vector<uint8_t> bytes = read_image_bytes(path);
+    if (const std::string problem = image_bytes_problem(bytes); !problem.empty()) {
+      throw UserError("cannot read image " + quoted(path) + ": " + problem +
+                      "; replace or remove it");
+    }
+    return bytes;
+  };
+
+  // Pass 1 decodes only headers: the common size, and whether any image has colour, must be known
   // before decoding so that every image is decoded to the same channel count straight into place.
   struct Header {
     int width = 0, height = 0, components = 0;
@@ -456,9 +555,19 @@ Dataset load_image_folder(const fs::path& root, const std::string& shown) {
   std::vector<Header> headers(files.size());
   for_each_in_parallel(files.size(), [&](size_t i) {
     Header& header = headers[i];
-    if (!stbi_info(files[i].path.c_str(), &header.width, &header.height, &header.components)) {
+    const std::vector<uint8_t> bytes = checked_image_bytes(files[i].path);
+    if (!stbi_info_from_memory(bytes.data(), int(bytes.size()), &header.width, &header.height,
+                               &header.components)) {
       throw UserError("cannot read image " + quoted(files[i].path) + ": " + stbi_failure_reason() +
                       "; replace or remove it");
+    }
+    // stb's header pass does not range-check every format (a BMP width can come back negative).
+    if (header.width < 1 || header.height < 1 ||
+        int64_t(header.width) * header.height > kMaxImagePixels) {
+      throw UserError("image " + quoted(files[i].path) + " declares " +
+                      std::to_string(header.height) + "x" + std::to_string(header.width) +
+                      " (height x width) pixels; this reader takes 1 to 4096x4096 pixels: "
+                      "replace it or downscale the images to the network's input size");
     }
   });
   data.height = headers[0].height;
@@ -484,8 +593,10 @@ Dataset load_image_folder(const fs::path& root, const std::string& shown) {
   data.labels.resize(files.size());
   for_each_in_parallel(files.size(), [&](size_t i) {
     int width = 0, height = 0, components = 0;
+    const std::vector<uint8_t> bytes = checked_image_bytes(files[i].path);
     std::unique_ptr<stbi_uc, void (*)(void*)> decoded(
-        stbi_load(files[i].path.c_str(), &width, &height, &components, data.channels),
+        stbi_load_from_memory(bytes.data(), int(bytes.size()), &width, &height, &components,
+                              data.channels),
         stbi_image_free);
     if (!decoded) {
       throw UserError("cannot decode image " + quoted(files[i].path) + ": " +

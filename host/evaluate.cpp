@@ -71,7 +71,25 @@ TrialRecord TrialRunner::run_clean(const BatchCallback& on_batch) {
   return record;
 }
 
-TrialRecord TrialRunner::classify_all(double sigma, int trial, const BatchCallback& on_batch) {
+void TrialRunner::set_exit_policy(std::shared_ptr<const ExitPolicy> policy) {
+  if (base_config_hash_.empty()) base_config_hash_ = config_hash_;
+  exit_policy_ = std::move(policy);
+  config_hash_ = exit_policy_ ? fnv1a_hex(base_config_hash_ + exit_policy_->identity().dump())
+                              : base_config_hash_;
+}
+
+ExitObservations TrialRunner::observe_trial(double sigma, uint32_t trial) {
+  backend_->set_all_digital(false);
+  backend_->program_chip(trial, sigma);
+  ExitObservations observations;
+  classify_all(sigma, int(trial), {}, &observations);
+  return observations;
+}
+
+TrialRecord TrialRunner::classify_all(double sigma, int trial, const BatchCallback& on_batch,
+                                      ExitObservations* observations) {
+  ExitObservations policy_observations;
+  if (!observations && exit_policy_) observations = &policy_observations;
   const auto start = std::chrono::steady_clock::now();
   const ResNet& net = *model_.network;
   const int classes = net.arch().num_classes, exits = net.arch().num_exits();
@@ -86,6 +104,7 @@ TrialRecord TrialRunner::classify_all(double sigma, int trial, const BatchCallba
     for (size_t i = 0; i < images.size(); ++i) images[i] = pixels[i] * (1.0f / 255.0f);
     backend_->begin_batch(batch_index);
     const auto logits = net.forward(images.data(), int(count), *backend_);
+    if (observations) observations->add_batch(logits, classes, &data_.labels[first], count);
     for (int e = 0; e < exits; ++e) {
       for (size_t i = 0; i < count; ++i) {
         const float* row = logits[e].data() + i * classes;
@@ -108,6 +127,8 @@ TrialRecord TrialRunner::classify_all(double sigma, int trial, const BatchCallba
       record.exit_accuracy.push_back(100.0 * double(c) / double(total));
   record.seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
   record.extra = {{"backend", backend_->name()}};
+  if (exit_policy_ && observations == &policy_observations)
+    exit_policy_->apply(sigma, *observations, record);
   return record;
 }
 

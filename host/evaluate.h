@@ -10,6 +10,7 @@
 #include "host/cim_config.h"
 #include "host/backends.h"
 #include "host/dataset.h"
+#include "host/exit_policy.h"
 #include "host/model_file.h"
 #include "host/results.h"
 
@@ -33,8 +34,16 @@ class TrialRunner {
 
   const std::string& config_hash() const { return config_hash_; }
 
+  // From now on every trial's accuracy is the exit policy's (and its record says which exits
+  // answered); the configuration hash then includes the policy's identity. Null: the final exit.
+  void set_exit_policy(std::shared_ptr<const ExitPolicy> policy);
+  // Every exit's softmax statistics of every image on chip (sigma, trial): calibration chips.
+  ExitObservations observe_trial(double sigma, uint32_t trial);
+
  private:
-  TrialRecord classify_all(double sigma, int trial, const BatchCallback& on_batch);
+  // observations: where to put every exit's statistics (observe_trial), else the policy's own.
+  TrialRecord classify_all(double sigma, int trial, const BatchCallback& on_batch,
+                           ExitObservations* observations = nullptr);
 
   const LoadedModel& model_;
   const Dataset& data_;
@@ -42,6 +51,8 @@ class TrialRunner {
   std::string label_;
   std::string config_hash_;
   std::unique_ptr<CimBackend> backend_;
+  std::shared_ptr<const ExitPolicy> exit_policy_;
+  std::string base_config_hash_;  // without the exit policy
 };
 
 // The identity of (model file, data, CIM configuration): every trial record carries it, and

@@ -137,7 +137,20 @@ ParsedResults parse_results_text(const std::string& text, const std::string& pat
       parsed.complete_bytes = position = next;
       continue;
     }
-    json object = json::parse(line, nullptr, /*allow_exceptions=*/false);
+    // Records are nearly flat; copying or writing a value nested thousands deep recurses that
+    // deep and overflows the stack, so parsing stops at a depth no record comes near.
+    constexpr int kMaxNesting = 64;
+    const json::parser_callback_t limit_nesting = [&](int depth, json::parse_event_t event, json&) {
+      if (depth >= kMaxNesting && (event == json::parse_event_t::object_start ||
+                                   event == json::parse_event_t::array_start)) {
+        throw UserError("results file '" + path + "' line " + std::to_string(line_number) +
+                        " nests JSON deeper than " + std::to_string(kMaxNesting) +
+                        " levels, which no trial record does: repair or delete that line, or "
+                        "choose another --results path");
+      }
+      return true;
+    };
+    json object = json::parse(line, limit_nesting, /*allow_exceptions=*/false);
     if (object.is_discarded()) {
       if (next == text.size()) {
         parsed.dropped_lines = 1;
@@ -382,12 +395,37 @@ void write_results_file(const std::string& path, const std::vector<TrialRecord>&
 // ---------------------------------------------------------------------------------------------
 // Aggregation and tables.
 
+namespace {
+
+// Adds a record's exit-policy summary (extra["exit_policy"], see host/exit_policy.h) to a group;
+// records without one, or with one this version cannot read, add nothing.
+void add_exit_policy(const TrialRecord& record, std::string& policy,
+                     std::vector<double>& macs_per_image, std::vector<double>& exit_counts) {
+  if (!record.extra.is_object() || !record.extra.contains("exit_policy")) return;
+  const json& p = record.extra["exit_policy"];
+  if (!p.is_object() || !p.contains("policy") || !p["policy"].is_string() ||
+      !p.contains("macs_per_image") || !p["macs_per_image"].is_number() ||
+      !p.contains("exit_counts") || !p["exit_counts"].is_array())
+    return;
+  policy = p["policy"].get<std::string>();
+  macs_per_image.push_back(p["macs_per_image"].get<double>());
+  const json& counts = p["exit_counts"];
+  if (exit_counts.size() < counts.size()) exit_counts.resize(counts.size(), 0.0);
+  for (size_t e = 0; e < counts.size(); ++e)
+    if (counts[e].is_number()) exit_counts[e] += counts[e].get<double>();
+}
+
+}  // namespace
+
 std::vector<TableRow> aggregate(const std::vector<TrialRecord>& records) {
   struct Group {
     size_t model_index;
     double sigma;
     std::vector<double> accuracy;
     std::vector<std::vector<double>> exit_accuracy;
+    std::string exit_policy;
+    std::vector<double> macs_per_image;
+    std::vector<double> exit_counts;
   };
   std::vector<std::string> models;  // first-appearance order
   std::unordered_map<std::string, size_t> model_index;
@@ -411,7 +449,7 @@ std::vector<TableRow> aggregate(const std::vector<TrialRecord>& records) {
       return g.model_index == model && g.sigma == record.sigma;
     });
     if (group == groups.end()) {
-      groups.push_back(Group{model, record.sigma, {}, {}});
+      groups.push_back(Group{model, record.sigma, {}, {}, {}, {}, {}});
       group = groups.end() - 1;
     }
     // A NaN accuracy (a trial that saw no images) carries no information about the chip.
@@ -424,6 +462,7 @@ std::vector<TableRow> aggregate(const std::vector<TrialRecord>& records) {
         group->exit_accuracy[e].push_back(record.exit_accuracy[e]);
       }
     }
+    add_exit_policy(record, group->exit_policy, group->macs_per_image, group->exit_counts);
   }
 
   std::stable_sort(groups.begin(), groups.end(), [](const Group& a, const Group& b) {
@@ -441,12 +480,22 @@ std::vector<TableRow> aggregate(const std::vector<TrialRecord>& records) {
     }
     auto clean = clean_accuracy.find(row.model);
     if (clean != clean_accuracy.end()) row.clean_accuracy = clean->second;
+    row.exit_policy = group.exit_policy;
+    if (!group.macs_per_image.empty()) row.macs_per_image = summarize(group.macs_per_image).mean;
+    double counted = 0;
+    for (double c : group.exit_counts) counted += c;
+    for (double c : group.exit_counts) row.exit_shares.push_back(c / counted);
     rows.push_back(std::move(row));
   }
   return rows;
 }
 
 namespace {
+
+bool any_exit_policy(const std::vector<TableRow>& rows) {
+  return std::any_of(rows.begin(), rows.end(),
+                     [](const TableRow& row) { return !row.exit_policy.empty(); });
+}
 
 size_t max_exits(const std::vector<TableRow>& rows) {
   size_t exits = 0;
@@ -480,8 +529,11 @@ std::string format_markdown(const std::vector<TableRow>& rows) {
   std::ostringstream out;
   out << "| model | σ | trials | mean % | std | 95 % CI | min | max | clean % |";
   for (size_t e = 0; e < exits; ++e) out << " exit " << e + 1 << " mean % |";
+  const bool policy = any_exit_policy(rows);
+  if (policy) out << " policy | MACs/image | exits taken |";
   out << "\n|:--|--:|--:|--:|--:|:-:|--:|--:|--:|";
   for (size_t e = 0; e < exits; ++e) out << "--:|";
+  if (policy) out << ":--|--:|:-:|";
   out << "\n";
   for (const TableRow& row : rows) {
     const Summary& s = row.accuracy;
@@ -494,6 +546,15 @@ std::string format_markdown(const std::vector<TableRow>& rows) {
     for (size_t e = 0; e < exits; ++e) {
       out << " " << (e < row.exit_accuracy.size() ? two_decimals(row.exit_accuracy[e].mean) : "–")
           << " |";
+    }
+    if (policy) {
+      std::string shares;
+      for (double share : row.exit_shares)
+        shares += (shares.empty() ? "" : " / ") + two_decimals(share);
+      out << " " << (row.exit_policy.empty() ? "–" : markdown_cell(row.exit_policy)) << " | "
+          << (std::isnan(row.macs_per_image) ? "–"
+                                             : std::to_string(std::llround(row.macs_per_image)))
+          << " | " << (shares.empty() ? "–" : shares) << " |";
     }
     out << "\n";
   }
@@ -525,6 +586,11 @@ std::string format_csv(const std::vector<TableRow>& rows) {
   for (size_t e = 0; e < exits; ++e) {
     for (const char* field : kSummaryFields) out << ",exit" << e + 1 << "_" << field;
   }
+  const bool policy = any_exit_policy(rows);
+  if (policy) {
+    out << ",exit_policy,macs_per_image";
+    for (size_t e = 0; e < exits; ++e) out << ",exit" << e + 1 << "_share";
+  }
   out << "\n";
   for (const TableRow& row : rows) {
     out << csv_field(row.model) << "," << round_trip(row.sigma) << "," << row.accuracy.n;
@@ -539,6 +605,11 @@ std::string format_csv(const std::vector<TableRow>& rows) {
       } else {
         out << std::string(std::size(kSummaryFields), ',');
       }
+    }
+    if (policy) {
+      out << "," << csv_field(row.exit_policy) << "," << csv_number(row.macs_per_image);
+      for (size_t e = 0; e < exits; ++e)
+        out << "," << (e < row.exit_shares.size() ? csv_number(row.exit_shares[e]) : "");
     }
     out << "\n";
   }
@@ -573,6 +644,13 @@ std::string format_json(const std::vector<TableRow>& rows) {
       nlohmann::ordered_json exit_object;
       add_summary_fields(exit, exit_object);
       object["exit_accuracy"].push_back(std::move(exit_object));
+    }
+    if (!row.exit_policy.empty()) {
+      object["exit_policy"] = row.exit_policy;
+      object["macs_per_image"] = std::isnan(row.macs_per_image)
+                                     ? nlohmann::ordered_json(nullptr)
+                                     : nlohmann::ordered_json(row.macs_per_image);
+      object["exit_shares"] = row.exit_shares;
     }
     array.push_back(std::move(object));
   }

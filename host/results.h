@@ -89,6 +89,11 @@ struct TableRow {
   Summary accuracy;                    // over trials >= 0 of (model, sigma)
   std::vector<Summary> exit_accuracy;  // per exit, if any
   double clean_accuracy = NAN;         // from the trial == -1 record of that model, if present
+  // Exit policy (records with extra["exit_policy"]): its name, the mean of the trials' MACs per
+  // image, and the share of images each exit answered over all trials.
+  std::string exit_policy;
+  double macs_per_image = NAN;
+  std::vector<double> exit_shares;
 };
 
 // Groups records by (model, sigma) in first-appearance order of models, then ascending sigma.
@@ -98,6 +103,7 @@ std::vector<TableRow> aggregate(const std::vector<TrialRecord>& records);
 // format "md": Markdown table for people (2 decimals, "–" for NaN); "csv": header line, full
 // precision, empty fields for NaN; "json": array of flat objects {model, sigma, trials, every
 // Summary field of the accuracy, clean_accuracy, exit_accuracy: [{Summary fields}...]}, NaN null.
+// Where a row has an exit policy, every format adds the policy, MACs/image and exit shares.
 // Throws UserError on any other format.
 std::string format_table(const std::vector<TableRow>& rows, const std::string& format);
 

@@ -221,11 +221,19 @@ std::vector<uint8_t> read_whole_file(const std::string& path) {
 }
 
 // Parses the header, rejecting a key that occurs twice in one object: nlohmann would silently keep
-// the last one, which hides a broken writer and makes the tensor set ambiguous.
+// the last one, which hides a broken writer and makes the tensor set ambiguous. A real header
+// nests three levels (header, tensor, shape); printing a value nested thousands deep in a message
+// would recurse that deep and overflow the stack, so parsing stops far below that.
 json parse_header(const std::string& path, const char* begin, const char* end) {
+  constexpr int kMaxNesting = 16;
   std::vector<std::set<std::string>> open_objects;
   std::string duplicate;
-  json::parser_callback_t check_keys = [&](int /*depth*/, json::parse_event_t event, json& parsed) {
+  json::parser_callback_t check_keys = [&](int depth, json::parse_event_t event, json& parsed) {
+    if (depth >= kMaxNesting && (event == json::parse_event_t::object_start ||
+                                 event == json::parse_event_t::array_start)) {
+      throw_corrupt(path, "the header nests JSON deeper than " + std::to_string(kMaxNesting) +
+                              " levels");
+    }
     if (event == json::parse_event_t::object_start) {
       open_objects.emplace_back();
     } else if (event == json::parse_event_t::object_end) {

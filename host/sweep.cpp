@@ -27,12 +27,20 @@ std::string default_data_path() {
 
 namespace {
 
-Dataset load_plan_data(const SweepPlan& plan) {
+// Calibration images, when an exit policy asks for them, are held apart before --limit picks the
+// evaluation images from the rest.
+Dataset load_plan_data(const SweepPlan& plan, size_t calibration_images,
+                       std::optional<CalibrationImages>& calibration) {
   std::string path = plan.data_path.empty() ? default_data_path() : plan.data_path;
   if (plan.data_path.empty() && !std::filesystem::exists(path))
     throw UserError("no --data given and Fashion-MNIST is not installed at " + path +
                     ": run `apt-get install dataset-fashion-mnist` or pass --data PATH");
   Dataset data = load_dataset(path, plan.split);
+  if (calibration_images > 0) {
+    CalibrationSplit split = split_for_calibration(data, calibration_images, plan.cim.seed);
+    calibration.emplace(std::move(split.calibration));
+    data = std::move(split.evaluation);
+  }
   if (plan.limit > 0) {
     Dataset subset = balanced_subset(data, plan.limit);
     subset.description += " (class-balanced " + std::to_string(subset.size()) + " images)";
@@ -91,7 +99,15 @@ std::vector<TrialRecord> run_sweep(const SweepPlan& plan, const SweepOptions& op
       options.shard_index >= options.shard_count)
     throw UserError("shard " + std::to_string(options.shard_index) + "/" +
                     std::to_string(options.shard_count) + " does not exist: use 0 ≤ I < N");
-  const Dataset data = load_plan_data(plan);
+  options.exit_policy.validate();
+  const bool calibrating = !options.exit_policy.policy.empty() &&
+                           parse_exit_policy(options.exit_policy.policy).needs_calibration();
+  if (calibrating && plan.first_trial + int64_t(plan.trials) > int64_t(kCalibrationFirstTrial))
+    throw UserError("evaluation trials must stay below " + std::to_string(kCalibrationFirstTrial) +
+                    ", where the calibration chips begin: lower --first-trial or --trials");
+  std::optional<CalibrationImages> calibration;
+  const Dataset data =
+      load_plan_data(plan, calibrating ? options.exit_policy.calibration_images : 0, calibration);
   std::vector<BackendChoice> workers = options.workers;
   if (workers.empty()) workers.push_back(BackendChoice{});
 
@@ -99,14 +115,27 @@ std::vector<TrialRecord> run_sweep(const SweepPlan& plan, const SweepOptions& op
   models.reserve(plan.models.size());
   for (const SweepModel& entry : plan.models) models.push_back(load_model(entry.path));
 
+  // One policy per model (calibrated below, once its trials are known to be needed).
+  std::vector<std::shared_ptr<ExitPolicy>> policies(models.size());
+  if (options.exit_policy.any()) {
+    std::vector<double> policy_sigmas = plan.sigmas;
+    if (plan.clean_reference) policy_sigmas.push_back(0.0);  // the clean run decides at σ = 0
+    for (size_t m = 0; m < models.size(); ++m) {
+      policies[m] = std::make_shared<ExitPolicy>(options.exit_policy, *models[m].network,
+                                                 plan.models[m].path, policy_sigmas, plan.cim.seed);
+    }
+  }
+
   // Every worker has its own runner (and so its own backend and chip) per model. The first
   // worker's are built here, so that a model/data mismatch or a parameter the backend rejects stops the sweep before any
   // results file is created; the others are built in their worker threads, on demand.
   const int worker_count = int(workers.size());
   std::vector<std::vector<std::unique_ptr<TrialRunner>>> runners(workers.size());
-  for (size_t m = 0; m < models.size(); ++m)
-    runners[0].push_back(std::make_unique<TrialRunner>(models[m], data, plan.cim,
-                                                       plan.models[m].label, workers[0]));
+  for (size_t m = 0; m < models.size(); ++m) {
+    runners[0].push_back(
+        std::make_unique<TrialRunner>(models[m], data, plan.cim, plan.models[m].label, workers[0]));
+    runners[0][m]->set_exit_policy(policies[m]);
+  }
 
   std::unique_ptr<ResultsLog> log;
   if (!options.results_path.empty())
@@ -151,6 +180,21 @@ std::vector<TrialRecord> run_sweep(const SweepPlan& plan, const SweepOptions& op
     std::fprintf(stderr, "cimsweep: shard %d/%d has no work units (the sweep has %zu): nothing to do\n",
                  options.shard_index, options.shard_count, position);
   if (options.on_start) options.on_start();
+  // Calibration runs only for models with trials still to do (a finished --resume skips it), on
+  // its own runner over the calibration images, never on the evaluation images.
+  for (size_t m = 0; m < models.size(); ++m) {
+    const bool needed =
+        std::any_of(todo.begin(), todo.end(), [m](const Unit& unit) { return unit.model == m; });
+    if (!policies[m] || !policies[m]->needs_calibration() || !needed) continue;
+    std::unique_ptr<TrialRunner> calibration_runner;
+    policies[m]->calibrate(
+        *calibration, [&](const CalibrationImages& images, double sigma, uint32_t trial) {
+          if (!calibration_runner)
+            calibration_runner = std::make_unique<TrialRunner>(models[m], images.data(), plan.cim,
+                                                               plan.models[m].label, workers[0]);
+          return calibration_runner->observe_trial(sigma, trial);
+        });
+  }
   Progress progress(todo.size(), data.size(), options.show_progress, worker_count);
   const int total_threads = omp_get_max_threads();
   std::atomic<size_t> next{0};
@@ -164,10 +208,12 @@ std::vector<TrialRecord> run_sweep(const SweepPlan& plan, const SweepOptions& op
       for (size_t i = next++; i < todo.size() && !failed; i = next++) {
         const Unit& unit = todo[i];
         std::unique_ptr<TrialRunner>& runner_slot = runners[size_t(w)][unit.model];
-        if (!runner_slot)
-          runner_slot = std::make_unique<TrialRunner>(models[unit.model], data, plan.cim,
-                                                      plan.models[unit.model].label,
-                                                      workers[size_t(w)]);
+        if (!runner_slot) {
+          runner_slot =
+              std::make_unique<TrialRunner>(models[unit.model], data, plan.cim,
+                                            plan.models[unit.model].label, workers[size_t(w)]);
+          runner_slot->set_exit_policy(policies[unit.model]);
+        }
         TrialRunner& runner = *runner_slot;
         const std::string what = plan.models[unit.model].label +
                                  (unit.trial < 0 ? " clean"

@@ -6,6 +6,7 @@
 #include <vector>
 
 #include "host/backends.h"
+#include "host/exit_policy.h"
 #include "host/results.h"
 #include "host/sweep_spec.h"
 
@@ -24,6 +25,9 @@ struct SweepOptions {
   // Called once models, data and the results file are ready, before the first trial: the place
   // for a notice that should not precede an input error.
   std::function<void()> on_start;
+  // Exit policy of multi-exit models (--exit-policy …): calibrating policies hold
+  // exit_policy.calibration_images of the data apart (before --limit) and calibrate on them.
+  ExitPolicyOptions exit_policy;
 };
 
 // Returns the records of this plan's configuration and shard (resumed and new), clean references

@@ -76,6 +76,10 @@ void ResNetArch::validate() const {
   if (in_channels != 1 && in_channels != 3)
     fail("architecture in_channels " + std::to_string(in_channels) + " must be 1 or 3");
   if (input_height < 4 || input_width < 4) fail("architecture input_size must be at least 4×4");
+  // Keeps the layer-size arithmetic (input + 2·pad, MACs) far from int overflow.
+  if (input_height > 65535 || input_width > 65535)
+    fail("architecture input_size " + std::to_string(input_height) + "×" +
+         std::to_string(input_width) + " is larger than 65535×65535: fix cimsweep.arch");
   if (num_classes < 2) fail("architecture num_classes must be at least 2");
   if (shortcut != 'A' && shortcut != 'B') fail("architecture shortcut must be \"A\" or \"B\"");
   if (shortcut_padding != "split" && shortcut_padding != "after")
@@ -164,10 +168,14 @@ const Tensor& ResNet::require(const std::string& name, const std::vector<int64_t
     throw UserError(
         "model file lacks tensor '" + name + "' that " + arch_.describe() +
         " needs: check the architecture metadata or the tensor names (docs/model-format.md)");
-  if (it->second.shape != shape)
+  if (it->second.shape != shape) {
+    // The needed shape comes from the file's metadata and may be huge: print it, never allocate it.
+    Tensor needed;
+    needed.shape = shape;
     throw UserError("tensor '" + name + "' has shape " + it->second.shape_string() + " but " +
-                    arch_.describe() + " needs " + Tensor(shape).shape_string() +
+                    arch_.describe() + " needs " + needed.shape_string() +
                     ": the weights do not match the architecture metadata");
+  }
   return it->second;
 }
 

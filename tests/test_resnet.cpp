@@ -156,6 +156,36 @@ TEST(ResNet, MissingOrMisshapenTensorsAreClearErrors) {
   EXPECT_THROW(deep.validate(), UserError);
 }
 
+// Regression (fuzz/fuzz_model_file, crafted inputs): a few bytes of architecture metadata made the
+// loader allocate the needed tensor just to print its shape (4 GB for width 1e9, a length_error
+// for kernel 2^31 − 1), and a huge input size overflowed the layer-size arithmetic.
+TEST(ResNet, HugeArchitectureNumbersAreUserErrorsWithoutHugeAllocations) {
+  const std::string path = kGoldenDir + kGoldenModels[0] + ".safetensors";
+  const SafetensorsFile file = read_safetensors(path);
+  const ResNetArch arch =
+      ResNetArch::from_json(nlohmann::json::parse(file.metadata.at("cimsweep.arch")));
+  std::map<std::string, float> ranges;
+  const auto ranges_json = nlohmann::json::parse(file.metadata.at("cimsweep.input_ranges"));
+  for (const auto& [k, v] : ranges_json.items()) ranges[k] = v.get<float>();
+
+  ResNetArch wide = arch;
+  wide.width = 1000000000;
+  try {
+    ResNet net(wide, file.tensors, ranges);
+    FAIL() << "no error for width 1e9";
+  } catch (const UserError& e) {
+    EXPECT_NE(std::string(e.what()).find("needs [1000000000, 3, 3, 3]"), std::string::npos)
+        << e.what();
+  }
+  ResNetArch wide_kernel = arch;
+  wide_kernel.kernel = 2147483647;
+  EXPECT_THROW(ResNet(wide_kernel, file.tensors, ranges), UserError);
+  ResNetArch huge_input = arch;
+  huge_input.input_height = huge_input.input_width = 2147483647;
+  EXPECT_THROW(huge_input.validate(), UserError);
+  EXPECT_THROW(ResNet(huge_input, file.tensors, ranges), UserError);
+}
+
 TEST(ResNet, LayerMacsOfResNet20MatchTheKnownCount) {
   // ResNet-20 on 32×32×3, width 16: 40.55 M multiply-accumulates in its convs and FC, and
   // 0.27 M parameters (He et al. 2016), counted by hand in the comments below.

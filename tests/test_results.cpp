@@ -445,6 +445,22 @@ TEST(ResultsLog, CorruptLineBeforeTheLastIsUserErrorWithLineNumber) {
   EXPECT_NE(message.find("'sigma'"), std::string::npos) << message;
 }
 
+// Regression (found by fuzz/fuzz_results with a crafted input): an "extra" nested 200,000 deep was
+// copied recursively and overflowed the stack.
+TEST(ResultsLog, DeeplyNestedLineIsUserErrorNotStackOverflow) {
+  TempDir dir;
+  const std::string path = dir.file("results.jsonl");
+  nlohmann::json record = to_json(sample_records()[0]);
+  record.erase("extra");
+  std::string line = record.dump();
+  const size_t depth = 200000;
+  line.insert(line.size() - 1, ",\"extra\":" + std::string(depth, '[') + std::string(depth, ']'));
+  write_text(path, to_json(sample_records()[1]).dump() + "\n" + line + "\n");
+  const std::string message = user_error_of([&] { read_results_file(path); });
+  EXPECT_NE(message.find("line 2 nests JSON deeper than 64 levels"), std::string::npos) << message;
+  EXPECT_NE(user_error_of([&] { ResultsLog log(path, true); }).find("line 2"), std::string::npos);
+}
+
 TEST(ResultsLog, DuplicateUnitsAreKeptOnce) {
   TempDir dir;
   const std::string path = dir.file("results.jsonl");

@@ -543,6 +543,12 @@ std::vector<CorruptCase> corrupt_cases() {
       {"NewlineInName",
        make_file(R"({"a\nb":{"dtype":"F32","shape":[3],"data_offsets":[0,8]}})", eight),
        "tensor 'a\\x0ab'"},
+      // Regression (fuzz/fuzz_model_file, crafted input): the message printed the nested value
+      // with a recursive dump, which overflowed the stack.
+      one_tensor("DeeplyNestedOffsets",
+                 R"({"dtype":"F32","shape":[2],"data_offsets":)" + std::string(200000, '[') +
+                     std::string(200000, ']') + "}",
+                 "the header nests JSON deeper than 16 levels"),
   };
 }
 
@@ -574,6 +580,19 @@ std::string valid_model_bytes(const TempDir& dir, uint32_t seed) {
   const std::string path = dir.file("valid.safetensors");
   write_safetensors(path, tensors, {{"cimsweep.arch", R"({"depth": 8})"}, {"format", "pt"}});
   return read_text(path);
+}
+
+// Regression (fuzz/fuzz_model_file, crafted input): a zero dim after dims whose product
+// overflows int64 made Tensor's element count overflow (undefined behaviour, caught by UBSan).
+TEST(SafetensorsTest, ZeroDimAfterHugeDimsLoadsAsEmptyTensor) {
+  TempDir dir;
+  const std::string path = dir.file("empty.safetensors");
+  write_text(path, make_file(R"({"t":{"dtype":"F32","shape":[4611686018427387904,)"
+                             R"(4611686018427387904,0],"data_offsets":[0,0]}})",
+                             ""));
+  const SafetensorsFile file = read_safetensors(path);
+  EXPECT_TRUE(file.tensors.at("t").data.empty());
+  EXPECT_EQ(file.tensors.at("t").numel(), 0);
 }
 
 TEST(SafetensorsTest, EveryTruncationThrowsUserError) {

@@ -8,10 +8,12 @@
 #include <sys/wait.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <chrono>
 #include <filesystem>
 #include <fstream>
 #include <map>
+#include <optional>
 #include <random>
 #include <set>
 #include <sstream>
@@ -236,18 +238,35 @@ TEST_F(Cluster, KilledAgainAndAgainThenResumedLosesAndRepeatsNothing) {
   for (const char* a : {"--results", "", "--resume", "--output", ""}) resumed.push_back(a);
   resumed[resumed.size() - 4] = dir.file("r.jsonl");
   resumed.back() = dir.file("table.csv");
+  // Counts the complete lines of the results file (what a resumed run will reuse).
+  auto complete_lines = [&] {
+    const std::string text = read_text(dir.file("r.jsonl"));
+    return size_t(std::count(text.begin(), text.end(), '\n'));
+  };
   int kills = 0, finished = 0;
   size_t previous_lines = 0;
-  for (int attempt = 0; attempt < 60 && !finished; ++attempt) {
+  for (int attempt = 0; attempt < 200 && !finished; ++attempt) {
     const pid_t pid = spawn_cimsweep(resumed);
     ASSERT_GT(pid, 0);
-    // Kill at a random moment: during start-up, mid-trial, mid-append, or never if it finishes.
-    const auto deadline =
-        std::chrono::steady_clock::now() + std::chrono::milliseconds(30 + rng() % 400);
+    // Kill at a random moment: a quarter of the runs at any time from start-up on, the others
+    // a random 0–80 ms after they appended a record (mid-trial or mid-append), so that each of
+    // those runs makes progress however slow the machine; after 40 kills, let it finish.
+    const bool early = rng() % 4 == 0;
+    const auto early_deadline =
+        std::chrono::steady_clock::now() + std::chrono::milliseconds(rng() % 300);
+    const auto extra = std::chrono::milliseconds(rng() % 80);
+    std::optional<std::chrono::steady_clock::time_point> deadline;
+    if (early) deadline = early_deadline;
     int status = 0;
     pid_t done = 0;
-    while ((done = waitpid(pid, &status, WNOHANG)) == 0 && std::chrono::steady_clock::now() < deadline)
+    while ((done = waitpid(pid, &status, WNOHANG)) == 0) {
+      const auto now = std::chrono::steady_clock::now();
+      if (kills < 40) {
+        if (!deadline && complete_lines() > previous_lines) deadline = now + extra;
+        if (deadline && now >= *deadline) break;
+      }
       std::this_thread::sleep_for(std::chrono::milliseconds(2));
+    }
     if (done == 0) {
       kill(pid, SIGKILL);
       waitpid(pid, &status, 0);
