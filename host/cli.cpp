@@ -7,6 +7,7 @@
 #include <filesystem>
 #include <tuple>
 #include <iostream>
+#include <limits>
 #include <sstream>
 
 #include <CLI/CLI.hpp>
@@ -19,6 +20,7 @@
 #include "host/slurm.h"
 #include "host/sweep.h"
 #include "host/sweep_spec.h"
+#include "train/blockdrop_command.h"
 #include "train/train_command.h"
 
 namespace cimsweep {
@@ -29,9 +31,11 @@ struct RunOptions {
   std::vector<std::pair<std::string, std::string>> cim;  // CIM options in command-line order
   std::string data, split, results, format = "md", output, backend = "auto", shard, devices,
                                                             precision = "exact";
-  long long limit = -1;
-  int trials = -1, first_trial = -1, threads = 0, device = 0;
-  bool resume = false, quiet = false, no_clean = false;
+  // kNotGiven, a value nobody types, marks an option left out, so that a negative one is refused.
+  static constexpr int kNotGiven = std::numeric_limits<int>::min();
+  long long limit = kNotGiven;
+  int trials = kNotGiven, first_trial = kNotGiven, threads = 0, device = 0;
+  bool resume = false, quiet = false, no_clean = false, policy_on_cim = false;
   ExitPolicyOptions exit_policy;  // --exit-policy and its calibration, --entropy-grid
 };
 
@@ -70,6 +74,9 @@ void add_run_options(CLI::App* cmd, RunOptions& o) {
                   "calibration chips per σ (default 3)");
   cmd->add_option("--mac-budget", o.exit_policy.mac_budget,
                   "best-static/sigma-aware: mean MACs per image at most this");
+  cmd->add_flag("--policy-on-cim", o.policy_on_cim,
+                "BlockDrop models (policy files from train-blockdrop): run the policy network on "
+                "the simulated chip too, not digitally");
   cmd->add_option("--entropy-grid", o.exit_policy.entropy_grid,
                   "G: also evaluate G+1 shared entropy thresholds 0 … ln(classes) and print the "
                   "accuracy–compute frontier per σ");
@@ -128,10 +135,12 @@ void apply_run_options(const RunOptions& o, SweepPlan& plan) {
   for (const auto& [name, value] : o.cim) set_cim_option(plan.cim, name, value);
   if (!o.data.empty()) plan.data_path = o.data;
   if (!o.split.empty()) plan.split = o.split;
-  if (o.limit >= 0) plan.limit = size_t(o.limit);
-  if (o.trials >= 0) plan.trials = o.trials;
-  if (o.trials == 0) throw UserError("--trials must be at least 1");
-  if (o.first_trial >= 0) plan.first_trial = o.first_trial;
+  if (o.limit != RunOptions::kNotGiven) {
+    if (o.limit < 0) throw UserError("--limit must be ≥ 0 (0, or leaving it out: all images)");
+    plan.limit = size_t(o.limit);
+  }
+  if (o.trials != RunOptions::kNotGiven) plan.trials = o.trials;  // validate_plan: at least 1
+  if (o.first_trial != RunOptions::kNotGiven) plan.first_trial = o.first_trial;  // and ≥ 0
   if (o.no_clean) plan.clean_reference = false;
   if (o.threads < 0) throw UserError("--threads must be at least 1 (or leave it out: all cores)");
   if (o.device < 0) throw UserError("--device must be a GPU number ≥ 0 (see nvidia-smi)");
@@ -290,6 +299,7 @@ int run_cli(int argc, char** argv) {
   CLI::App* slurm = add_slurm_subcommand(app, slurm_options);
 
   train::TrainCommand train_command(app);
+  train::BlockDropCommand blockdrop_command(app);
 
   try {
     try {
@@ -301,6 +311,7 @@ int run_cli(int argc, char** argv) {
     if (slurm->parsed()) return run_slurm(slurm_options, std::cout);
     if (merge->parsed()) return run_merge(merge_inputs, merge_options);
     if (train_command.parsed()) return train_command.run(argc, argv);
+    if (blockdrop_command.parsed()) return blockdrop_command.run(argc, argv);
 
     const bool is_eval = eval->parsed();
     RunOptions& o = is_eval ? eval_options : sweep_options;
@@ -329,6 +340,7 @@ int run_cli(int argc, char** argv) {
     for (const BackendResolution& w : workers) options.workers.push_back(w.choice);
     options.on_start = [&workers] { announce_backend(workers); };
     options.exit_policy = o.exit_policy;
+    options.policy_on_cim = o.policy_on_cim;
     const std::vector<TrialRecord> records = run_sweep(plan, options);
     emit_table(records, o);
     return 0;

@@ -36,7 +36,11 @@ std::string configuration_hash(const LoadedModel& model, const Dataset& data,
 
 TrialRunner::TrialRunner(const LoadedModel& model, const Dataset& data, const CimConfig& config,
                          std::string model_label, const BackendChoice& backend)
-    : model_(model), data_(data), config_(config), label_(std::move(model_label)) {
+    : model_(model),
+      data_(data),
+      config_(config),
+      label_(std::move(model_label)),
+      backend_choice_(backend) {
   config_.validate();
   check_data_fits(model.network->arch(), data, model.path);
   config_hash_ = configuration_hash(model, data, config_);
@@ -78,6 +82,15 @@ void TrialRunner::set_exit_policy(std::shared_ptr<const ExitPolicy> policy) {
                               : base_config_hash_;
 }
 
+void TrialRunner::set_blockdrop(std::shared_ptr<const BlockDropModel> blockdrop) {
+  if (!blockdrop) return;
+  blockdrop_ = std::make_unique<BlockDropDecider>(std::move(blockdrop), config_, backend_choice_);
+  if (base_config_hash_.empty()) base_config_hash_ = config_hash_;
+  base_config_hash_ = fnv1a_hex(base_config_hash_ + blockdrop_->model().identity().dump());
+  config_hash_ = exit_policy_ ? fnv1a_hex(base_config_hash_ + exit_policy_->identity().dump())
+                              : base_config_hash_;
+}
+
 ExitObservations TrialRunner::observe_trial(double sigma, uint32_t trial) {
   backend_->set_all_digital(false);
   backend_->program_chip(trial, sigma);
@@ -96,6 +109,8 @@ TrialRecord TrialRunner::classify_all(double sigma, int trial, const BatchCallba
   const size_t total = data_.size(), per_image = data_.image_elements();
   std::vector<uint64_t> exit_correct(exits, 0);
   std::vector<float> images;
+  KeepStatistics keep_statistics(blockdrop_ ? block_macs(net) : BlockMacs{});
+  if (blockdrop_) blockdrop_->set_chip(uint32_t(std::max(trial, 0)), sigma, trial < 0);
   uint32_t batch_index = 0;
   for (size_t first = 0; first < total; first += size_t(config_.batch_size), ++batch_index) {
     const size_t count = std::min(total - first, size_t(config_.batch_size));
@@ -103,7 +118,13 @@ TrialRecord TrialRunner::classify_all(double sigma, int trial, const BatchCallba
     const uint8_t* pixels = data_.image(first);
     for (size_t i = 0; i < images.size(); ++i) images[i] = pixels[i] * (1.0f / 255.0f);
     backend_->begin_batch(batch_index);
-    const auto logits = net.forward(images.data(), int(count), *backend_);
+    std::vector<uint8_t> keep;
+    if (blockdrop_) {
+      keep = blockdrop_->decide(images.data(), int(count), batch_index);
+      keep_statistics.add(keep.data(), int(count), blockdrop_->model().blocks());
+    }
+    const auto logits =
+        net.forward(images.data(), int(count), *backend_, keep.empty() ? nullptr : keep.data());
     if (observations) observations->add_batch(logits, classes, &data_.labels[first], count);
     for (int e = 0; e < exits; ++e) {
       for (size_t i = 0; i < count; ++i) {
@@ -127,6 +148,7 @@ TrialRecord TrialRunner::classify_all(double sigma, int trial, const BatchCallba
       record.exit_accuracy.push_back(100.0 * double(c) / double(total));
   record.seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
   record.extra = {{"backend", backend_->name()}};
+  if (blockdrop_) record.extra["blockdrop"] = keep_statistics.to_json(blockdrop_->model());
   if (exit_policy_ && observations == &policy_observations)
     exit_policy_->apply(sigma, *observations, record);
   return record;

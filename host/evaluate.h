@@ -7,6 +7,7 @@
 #include <string>
 #include <vector>
 
+#include "host/blockdrop_eval.h"
 #include "host/cim_config.h"
 #include "host/backends.h"
 #include "host/dataset.h"
@@ -37,6 +38,9 @@ class TrialRunner {
   // From now on every trial's accuracy is the exit policy's (and its record says which exits
   // answered); the configuration hash then includes the policy's identity. Null: the final exit.
   void set_exit_policy(std::shared_ptr<const ExitPolicy> policy);
+  // From now on the backbone runs with the keep masks that this BlockDrop policy chooses per image
+  // (records gain extra["blockdrop"]); the configuration hash then includes the policy's identity.
+  void set_blockdrop(std::shared_ptr<const BlockDropModel> blockdrop);
   // Every exit's softmax statistics of every image on chip (sigma, trial): calibration chips.
   ExitObservations observe_trial(double sigma, uint32_t trial);
 
@@ -53,6 +57,8 @@ class TrialRunner {
   std::unique_ptr<CimBackend> backend_;
   std::shared_ptr<const ExitPolicy> exit_policy_;
   std::string base_config_hash_;  // without the exit policy
+  BackendChoice backend_choice_;
+  std::unique_ptr<BlockDropDecider> blockdrop_;
 };
 
 // The identity of (model file, data, CIM configuration): every trial record carries it, and

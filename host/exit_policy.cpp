@@ -12,25 +12,12 @@
 #include <unordered_set>
 
 #include "host/errors.h"
+#include "host/splitmix64.h"
 
 namespace cimsweep {
 namespace {
 
 using nlohmann::json;
-
-// splitmix64: a tiny generator whose sequence is fixed by its definition, unlike std::shuffle or
-// std::uniform_real_distribution, whose results differ between standard libraries.
-struct SplitMix64 {
-  uint64_t state;
-  uint64_t next() {
-    uint64_t z = (state += 0x9e3779b97f4a7c15ull);
-    z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
-    z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
-    return z ^ (z >> 31);
-  }
-  uint64_t below(uint64_t n) { return next() % n; }              // bias < n / 2^64: irrelevant here
-  double uniform() { return double(next() >> 11) * 0x1.0p-53; }  // [0, 1)
-};
 
 std::string number_text(double value) {
   char buffer[32];

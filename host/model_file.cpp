@@ -44,8 +44,10 @@ LoadedModel load_model(const std::string& path) {
   }
   model.metadata = file.metadata;
   ResNetArch arch;
+  // Outside the try: its errors name the file already.
+  const nlohmann::json arch_json = parse_metadata_json(path, file.metadata, kArchKey);
   try {
-    arch = ResNetArch::from_json(parse_metadata_json(path, file.metadata, kArchKey));
+    arch = ResNetArch::from_json(arch_json);
   } catch (const UserError& e) {
     throw UserError("model file '" + path + "': " + e.what());
   }

@@ -415,6 +415,31 @@ void add_exit_policy(const TrialRecord& record, std::string& policy,
     if (counts[e].is_number()) exit_counts[e] += counts[e].get<double>();
 }
 
+// Adds a record's BlockDrop keep statistics (extra["blockdrop"], see host/blockdrop_eval.h):
+// per-trial mean, mean of squares (from mean and std) and pattern count.
+void add_blockdrop(const TrialRecord& record, std::vector<double>& kept_mean,
+                   std::vector<double>& kept_square, std::vector<double>& patterns,
+                   std::vector<double>& macs) {
+  if (!record.extra.is_object() || !record.extra.contains("blockdrop")) return;
+  const json& b = record.extra["blockdrop"];
+  if (!b.is_object() || !b.contains("mean_blocks_kept") || !b["mean_blocks_kept"].is_number() ||
+      !b.contains("std_blocks_kept") || !b["std_blocks_kept"].is_number() ||
+      !b.contains("patterns") || !b["patterns"].is_number())
+    return;
+  const double mean = b["mean_blocks_kept"].get<double>(), std = b["std_blocks_kept"].get<double>();
+  kept_mean.push_back(mean);
+  kept_square.push_back(std * std + mean * mean);
+  patterns.push_back(b["patterns"].get<double>());
+  if (b.contains("macs_per_image") && b["macs_per_image"].is_number())
+    macs.push_back(b["macs_per_image"].get<double>());
+}
+
+double mean_of(const std::vector<double>& values) {
+  double sum = 0;
+  for (double v : values) sum += v;
+  return values.empty() ? NAN : sum / double(values.size());
+}
+
 }  // namespace
 
 std::vector<TableRow> aggregate(const std::vector<TrialRecord>& records) {
@@ -426,6 +451,7 @@ std::vector<TableRow> aggregate(const std::vector<TrialRecord>& records) {
     std::string exit_policy;
     std::vector<double> macs_per_image;
     std::vector<double> exit_counts;
+    std::vector<double> kept_mean, kept_square, patterns, blockdrop_macs;  // BlockDrop, per trial
   };
   std::vector<std::string> models;  // first-appearance order
   std::unordered_map<std::string, size_t> model_index;
@@ -449,7 +475,7 @@ std::vector<TableRow> aggregate(const std::vector<TrialRecord>& records) {
       return g.model_index == model && g.sigma == record.sigma;
     });
     if (group == groups.end()) {
-      groups.push_back(Group{model, record.sigma, {}, {}, {}, {}, {}});
+      groups.push_back(Group{model, record.sigma, {}, {}, {}, {}, {}, {}, {}, {}, {}});
       group = groups.end() - 1;
     }
     // A NaN accuracy (a trial that saw no images) carries no information about the chip.
@@ -463,6 +489,8 @@ std::vector<TableRow> aggregate(const std::vector<TrialRecord>& records) {
       }
     }
     add_exit_policy(record, group->exit_policy, group->macs_per_image, group->exit_counts);
+    add_blockdrop(record, group->kept_mean, group->kept_square, group->patterns,
+                  group->blockdrop_macs);
   }
 
   std::stable_sort(groups.begin(), groups.end(), [](const Group& a, const Group& b) {
@@ -485,12 +513,25 @@ std::vector<TableRow> aggregate(const std::vector<TrialRecord>& records) {
     double counted = 0;
     for (double c : group.exit_counts) counted += c;
     for (double c : group.exit_counts) row.exit_shares.push_back(c / counted);
+    if (!group.kept_mean.empty()) {
+      // Every trial sees the same images, so the pooled moments are the trials' means.
+      row.blocks_kept = mean_of(group.kept_mean);
+      row.blocks_kept_std =
+          std::sqrt(std::max(0.0, mean_of(group.kept_square) - row.blocks_kept * row.blocks_kept));
+      row.keep_patterns = mean_of(group.patterns);
+      row.blockdrop_macs = mean_of(group.blockdrop_macs);
+    }
     rows.push_back(std::move(row));
   }
   return rows;
 }
 
 namespace {
+
+bool any_blockdrop(const std::vector<TableRow>& rows) {
+  return std::any_of(rows.begin(), rows.end(),
+                     [](const TableRow& row) { return !std::isnan(row.blocks_kept); });
+}
 
 bool any_exit_policy(const std::vector<TableRow>& rows) {
   return std::any_of(rows.begin(), rows.end(),
@@ -531,9 +572,12 @@ std::string format_markdown(const std::vector<TableRow>& rows) {
   for (size_t e = 0; e < exits; ++e) out << " exit " << e + 1 << " mean % |";
   const bool policy = any_exit_policy(rows);
   if (policy) out << " policy | MACs/image | exits taken |";
+  const bool blockdrop = any_blockdrop(rows);
+  if (blockdrop) out << " blocks kept | std | patterns | MACs/image |";
   out << "\n|:--|--:|--:|--:|--:|:-:|--:|--:|--:|";
   for (size_t e = 0; e < exits; ++e) out << "--:|";
   if (policy) out << ":--|--:|:-:|";
+  if (blockdrop) out << "--:|--:|--:|--:|";
   out << "\n";
   for (const TableRow& row : rows) {
     const Summary& s = row.accuracy;
@@ -555,6 +599,16 @@ std::string format_markdown(const std::vector<TableRow>& rows) {
           << (std::isnan(row.macs_per_image) ? "–"
                                              : std::to_string(std::llround(row.macs_per_image)))
           << " | " << (shares.empty() ? "–" : shares) << " |";
+    }
+    if (blockdrop) {
+      char patterns[32] = "–";
+      if (!std::isnan(row.keep_patterns))
+        std::snprintf(patterns, sizeof patterns, "%.1f", row.keep_patterns);
+      out << " " << two_decimals(row.blocks_kept) << " | " << two_decimals(row.blocks_kept_std)
+          << " | " << patterns << " | "
+          << (std::isnan(row.blockdrop_macs) ? "–"
+                                             : std::to_string(std::llround(row.blockdrop_macs)))
+          << " |";
     }
     out << "\n";
   }
@@ -591,6 +645,8 @@ std::string format_csv(const std::vector<TableRow>& rows) {
     out << ",exit_policy,macs_per_image";
     for (size_t e = 0; e < exits; ++e) out << ",exit" << e + 1 << "_share";
   }
+  const bool blockdrop = any_blockdrop(rows);
+  if (blockdrop) out << ",blocks_kept,blocks_kept_std,keep_patterns,blockdrop_macs_per_image";
   out << "\n";
   for (const TableRow& row : rows) {
     out << csv_field(row.model) << "," << round_trip(row.sigma) << "," << row.accuracy.n;
@@ -611,6 +667,9 @@ std::string format_csv(const std::vector<TableRow>& rows) {
       for (size_t e = 0; e < exits; ++e)
         out << "," << (e < row.exit_shares.size() ? csv_number(row.exit_shares[e]) : "");
     }
+    if (blockdrop)
+      out << "," << csv_number(row.blocks_kept) << "," << csv_number(row.blocks_kept_std) << ","
+          << csv_number(row.keep_patterns) << "," << csv_number(row.blockdrop_macs);
     out << "\n";
   }
   return out.str();
@@ -651,6 +710,14 @@ std::string format_json(const std::vector<TableRow>& rows) {
                                      ? nlohmann::ordered_json(nullptr)
                                      : nlohmann::ordered_json(row.macs_per_image);
       object["exit_shares"] = row.exit_shares;
+    }
+    if (!std::isnan(row.blocks_kept)) {
+      object["blocks_kept"] = row.blocks_kept;
+      object["blocks_kept_std"] = row.blocks_kept_std;
+      object["keep_patterns"] = row.keep_patterns;
+      object["blockdrop_macs_per_image"] = std::isnan(row.blockdrop_macs)
+                                               ? nlohmann::ordered_json(nullptr)
+                                               : nlohmann::ordered_json(row.blockdrop_macs);
     }
     array.push_back(std::move(object));
   }

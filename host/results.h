@@ -94,6 +94,11 @@ struct TableRow {
   std::string exit_policy;
   double macs_per_image = NAN;
   std::vector<double> exit_shares;
+  // BlockDrop models (records with extra["blockdrop"]): blocks kept per image, mean and standard
+  // deviation over every image of every trial, the distinct keep patterns per chip (mean over
+  // the trials), and the CIM MACs per image.
+  double blocks_kept = NAN, blocks_kept_std = NAN, keep_patterns = NAN;
+  double blockdrop_macs = NAN;  // mean CIM MACs per image over the trials
 };
 
 // Groups records by (model, sigma) in first-appearance order of models, then ascending sigma.

@@ -113,7 +113,14 @@ std::vector<TrialRecord> run_sweep(const SweepPlan& plan, const SweepOptions& op
 
   std::vector<LoadedModel> models;
   models.reserve(plan.models.size());
-  for (const SweepModel& entry : plan.models) models.push_back(load_model(entry.path));
+  // A policy file stands for its backbone run with the policy's keep masks.
+  std::vector<std::shared_ptr<const BlockDropModel>> blockdrops(plan.models.size());
+  for (size_t m = 0; m < plan.models.size(); ++m) {
+    LoadedModel loaded = load_model(plan.models[m].path);
+    if (is_blockdrop_policy(loaded))
+      loaded = load_blockdrop(std::move(loaded), options.policy_on_cim, blockdrops[m]);
+    models.push_back(std::move(loaded));
+  }
 
   // One policy per model (calibrated below, once its trials are known to be needed).
   std::vector<std::shared_ptr<ExitPolicy>> policies(models.size());
@@ -135,11 +142,28 @@ std::vector<TrialRecord> run_sweep(const SweepPlan& plan, const SweepOptions& op
     runners[0].push_back(
         std::make_unique<TrialRunner>(models[m], data, plan.cim, plan.models[m].label, workers[0]));
     runners[0][m]->set_exit_policy(policies[m]);
+    runners[0][m]->set_blockdrop(blockdrops[m]);
   }
 
   std::unique_ptr<ResultsLog> log;
   if (!options.results_path.empty())
     log = std::make_unique<ResultsLog>(options.results_path, options.resume);
+  // Trials of a model under other settings stay in the file but are not reused; a changed option
+  // is the usual cause, and without this line the rerun of every trial would go unexplained.
+  for (size_t m = 0; log && m < models.size(); ++m) {
+    const std::string hash = runners[0][m]->config_hash();
+    const auto other_settings = std::count_if(
+        log->existing().begin(), log->existing().end(), [&](const TrialRecord& record) {
+          return record.model == plan.models[m].label && record.config_hash != hash;
+        });
+    if (other_settings > 0) {
+      std::fprintf(stderr,
+                   "cimsweep: note: '%s' holds %zu trials of '%s' under other settings (model "
+                   "file, data or CIM options); they are kept but not reused\n",
+                   options.results_path.c_str(), size_t(other_settings),
+                   plan.models[m].label.c_str());
+    }
+  }
 
   // Work units in a fixed order: per model its clean reference, then σ-major, trial-minor. The
   // shard is chosen by position in this order, so it is the same on every node.
@@ -189,9 +213,11 @@ std::vector<TrialRecord> run_sweep(const SweepPlan& plan, const SweepOptions& op
     std::unique_ptr<TrialRunner> calibration_runner;
     policies[m]->calibrate(
         *calibration, [&](const CalibrationImages& images, double sigma, uint32_t trial) {
-          if (!calibration_runner)
+          if (!calibration_runner) {
             calibration_runner = std::make_unique<TrialRunner>(models[m], images.data(), plan.cim,
                                                                plan.models[m].label, workers[0]);
+            calibration_runner->set_blockdrop(blockdrops[m]);
+          }
           return calibration_runner->observe_trial(sigma, trial);
         });
   }
@@ -213,6 +239,7 @@ std::vector<TrialRecord> run_sweep(const SweepPlan& plan, const SweepOptions& op
               std::make_unique<TrialRunner>(models[unit.model], data, plan.cim,
                                             plan.models[unit.model].label, workers[size_t(w)]);
           runner_slot->set_exit_policy(policies[unit.model]);
+          runner_slot->set_blockdrop(blockdrops[unit.model]);
         }
         TrialRunner& runner = *runner_slot;
         const std::string what = plan.models[unit.model].label +

@@ -28,6 +28,9 @@ struct SweepOptions {
   // Exit policy of multi-exit models (--exit-policy …): calibrating policies hold
   // exit_policy.calibration_images of the data apart (before --limit) and calibrate on them.
   ExitPolicyOptions exit_policy;
+  // BlockDrop models (a model path that is a policy file, host/blockdrop_eval.h): run the policy
+  // on the simulated chip too (--policy-on-cim) instead of digitally.
+  bool policy_on_cim = false;
 };
 
 // Returns the records of this plan's configuration and shard (resumed and new), clean references

@@ -80,12 +80,12 @@ SweepPlan read_sweep_spec(const std::string& path) {
   }
   if (table.contains("trials")) {
     auto v = table["trials"].value<int64_t>();
-    if (!v) fail("trials must be an integer");
+    if (!v || *v != int(*v)) fail("trials must be an integer (at most 2147483647)");
     plan.trials = int(*v);
   }
   if (table.contains("first_trial")) {
     auto v = table["first_trial"].value<int64_t>();
-    if (!v) fail("first_trial must be an integer");
+    if (!v || *v != int(*v)) fail("first_trial must be an integer (at most 2147483647)");
     plan.first_trial = int(*v);
   }
   if (table.contains("clean")) {

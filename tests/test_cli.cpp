@@ -109,6 +109,19 @@ TEST_F(Cli, ResumeAfterATornResultsFileGivesTheUninterruptedTable) {
   EXPECT_EQ(lines(cimsweep::testing::read_text(dir.file("part.jsonl"))).size(), 7u);
 }
 
+// Resuming with a changed option reruns every trial; the note says why (it used to be silent).
+TEST_F(Cli, ResumeUnderOtherSettingsSaysTheTrialsAreNotReused) {
+  const std::string args = "eval " + common + " --no-clean --results " + dir.file("r.jsonl");
+  ASSERT_EQ(run_cimsweep(args).exit_code, 0);
+  const auto changed = run_cimsweep(args + " --resume --adc-bits 6");
+  ASSERT_EQ(changed.exit_code, 0) << changed.err;
+  EXPECT_NE(changed.err.find("holds 1 trials of 'golden_resnet8_k5_w3_11x13_shortcutB_exits' "
+                             "under other settings"),
+            std::string::npos)
+      << changed.err;
+  EXPECT_EQ(lines(cimsweep::testing::read_text(dir.file("r.jsonl"))).size(), 2u);
+}
+
 // The same seed gives the same chips, whatever the thread count (the seed's effect on every
 // cell is checked in test_noise).
 TEST_F(Cli, SameSeedSameResultsForOneAndTwoThreads) {
@@ -148,6 +161,10 @@ label = "tiny-net"
   const auto unknown = run_cimsweep("sweep --spec " + dir.file("bad.toml"));
   EXPECT_NE(unknown.exit_code, 0);
   EXPECT_NE(unknown.err.find("sigmaz"), std::string::npos) << unknown.err;
+  // 2^32 + 1 trials used to wrap to 1 silently.
+  cimsweep::testing::write_text(dir.file("huge.toml"), "trials = 4294967297\nsigmas = [0.1]\n");
+  const auto huge = run_cimsweep("sweep --spec " + dir.file("huge.toml"));
+  EXPECT_NE(huge.err.find("trials must be an integer"), std::string::npos) << huge.err;
 }
 
 struct BadInput {
@@ -173,6 +190,10 @@ TEST_F(Cli, BadInputGivesOneClearLineAndNoFileLeftBehind) {
       {"unknown digital layer", "eval " + kModel + data + " --digital-layers conv9" + out, "conv9"},
       {"resume without results", "eval " + kModel + data + " --resume", "--results"},
       {"corrupt model", "eval " + dir.file("t10k-labels-idx1-ubyte") + data + out, "t10k-labels"},
+      // Negative counts used to be taken for "not given" and silently ignored.
+      {"negative trials", "eval " + kModel + data + " --trials -5" + out, "--trials"},
+      {"negative first trial", "eval " + kModel + data + " --first-trial -1" + out, "--first-trial"},
+      {"negative limit", "eval " + kModel + data + " --limit -5" + out, "--limit"},
   };
   for (const BadInput& c : cases) {
     const auto r = run_cimsweep(c.args);

@@ -26,6 +26,26 @@ double uniform(std::mt19937_64& rng, double lo, double hi) {
   return lo + (hi - lo) * (double(rng() >> 11) * (1.0 / 9007199254740992.0));
 }
 
+// The images `which` of x (in that order), as a batch of their own.
+FeatureMap gather_images(const FeatureMap& x, const std::vector<int>& which) {
+  FeatureMap out(x.channels, int(which.size()), x.height, x.width);
+  const size_t plane = x.plane();
+  for (int c = 0; c < x.channels; ++c)
+    for (size_t k = 0; k < which.size(); ++k)
+      std::copy_n(x.data.begin() + (size_t(c) * x.images + size_t(which[k])) * plane, plane,
+                  out.data.begin() + (size_t(c) * out.images + k) * plane);
+  return out;
+}
+
+// Image k of `part` replaces image which[k] of `into`.
+void scatter_images(const FeatureMap& part, const std::vector<int>& which, FeatureMap& into) {
+  const size_t plane = into.plane();
+  for (int c = 0; c < into.channels; ++c)
+    for (size_t k = 0; k < which.size(); ++k)
+      std::copy_n(part.data.begin() + (size_t(c) * part.images + k) * plane, plane,
+                  into.data.begin() + (size_t(c) * into.images + size_t(which[k])) * plane);
+}
+
 // One CIM layer (conv or FC) with its fake quantisers.
 struct CimConv {
   int index = -1;  // forward-order number (keys the training noise)
@@ -145,8 +165,12 @@ struct Block {
   CimConv shortcut_conv;
   Norm shortcut_norm;
   int padding_before = 0;     // option A: zero channels before the identity channels
-  FeatureMap hidden, output;  // post-ReLU activations, for the ReLU backward passes
+  FeatureMap hidden, output;  // post-ReLU activations (kept images only), for backward
   int input_height = 0, input_width = 0;
+  // The last forward's images that ran the residual branch (a keep mask's 1s); all_kept: every
+  // image did, and the batch was not split.
+  bool all_kept = true;
+  std::vector<int> kept;
 
   bool identity() const { return stride == 1 && in_channels == out_channels; }
 };
@@ -417,22 +441,42 @@ std::vector<FeatureMap> TrainableResNet::forward(const float* images, int n,
     const bool training = backbone_training;
     block.input_height = x.height;
     block.input_width = x.width;
-    FeatureMap hidden = conv_norm(block.conv1, block.bn1, x, training);
-    relu_forward(hidden);
-    FeatureMap y = conv_norm(block.conv2, block.bn2, hidden, training);
-    block.hidden = training ? std::move(hidden) : FeatureMap();
-    if (block.projection) {
-      const FeatureMap skip = conv_norm(block.shortcut_conv, block.shortcut_norm, x, training);
-      for (size_t i = 0; i < y.size(); ++i) y.data[i] += skip.data[i];
-    } else if (block.identity()) {
-      for (size_t i = 0; i < y.size(); ++i) y.data[i] += x.data[i];
+    block.kept.clear();
+    for (int img = 0; img < n; ++img)
+      if (!o.keep || o.keep[size_t(img) * m.blocks.size() + b]) block.kept.push_back(img);
+    block.all_kept = int(block.kept.size()) == n;
+    FeatureMap skip;
+    if (block.projection)
+      skip = conv_norm(block.shortcut_conv, block.shortcut_norm, x, training);
+    else if (!block.identity())
+      skip = shortcut_a_forward(x, block.out_channels, block.stride, block.padding_before);
+    const FeatureMap& shortcut = block.projection || !block.identity() ? skip : x;
+    FeatureMap y;
+    if (block.kept.empty()) {
+      y = shortcut;
+      block.hidden = FeatureMap();
+      block.output = FeatureMap();
     } else {
-      const FeatureMap skip =
-          shortcut_a_forward(x, block.out_channels, block.stride, block.padding_before);
-      for (size_t i = 0; i < y.size(); ++i) y.data[i] += skip.data[i];
+      const FeatureMap kept_input = block.all_kept ? FeatureMap() : gather_images(x, block.kept);
+      FeatureMap hidden =
+          conv_norm(block.conv1, block.bn1, block.all_kept ? x : kept_input, training);
+      relu_forward(hidden);
+      FeatureMap residual = conv_norm(block.conv2, block.bn2, hidden, training);
+      block.hidden = training ? std::move(hidden) : FeatureMap();
+      const FeatureMap kept_shortcut =
+          block.all_kept ? FeatureMap() : gather_images(shortcut, block.kept);
+      const FeatureMap& added = block.all_kept ? shortcut : kept_shortcut;
+      for (size_t i = 0; i < residual.size(); ++i) residual.data[i] += added.data[i];
+      relu_forward(residual);
+      block.output = training ? residual : FeatureMap();
+      if (block.all_kept) {
+        y = std::move(residual);
+      } else {
+        // Skipped images take the shortcut alone, without the block's ReLU (BlockDrop).
+        y = shortcut;
+        scatter_images(residual, block.kept, y);
+      }
     }
-    relu_forward(y);
-    block.output = training ? y : FeatureMap();
     x = std::move(y);
 
     const bool stage_end = (int(b) + 1) % per_stage == 0;
@@ -490,13 +534,31 @@ void TrainableResNet::backward(const std::vector<FeatureMap>& dlogits) {
     }
     if (!backbone) continue;
     Block& block = m.blocks[size_t(b)];
-    relu_backward(block.output, dx);
-    FeatureMap d_skip = dx;
-    block.bn2.backward(dx, p);
-    FeatureMap d_hidden = block.conv2.backward(dx, true, p);
-    relu_backward(block.hidden, d_hidden);
-    block.bn1.backward(d_hidden, p);
-    FeatureMap d_input = block.conv1.backward(d_hidden, true, p);
+    // The residual branch's backward pass on its (kept) images: d_out in, d(input) out.
+    auto branch_backward = [&](FeatureMap& d_out) {
+      block.bn2.backward(d_out, p);
+      FeatureMap d_hidden = block.conv2.backward(d_out, true, p);
+      relu_backward(block.hidden, d_hidden);
+      block.bn1.backward(d_hidden, p);
+      return block.conv1.backward(d_hidden, true, p);
+    };
+    // d_skip reaches the shortcut's output and d_input the block's input, every image. A
+    // skipped image's gradient goes to its shortcut alone, past the block's ReLU.
+    FeatureMap d_skip, d_input;
+    if (block.all_kept) {
+      relu_backward(block.output, dx);
+      d_skip = dx;
+      d_input = branch_backward(dx);
+    } else {
+      d_input = FeatureMap(block.in_channels, dx.images, block.input_height, block.input_width);
+      if (!block.kept.empty()) {
+        FeatureMap d_out = gather_images(dx, block.kept);
+        relu_backward(block.output, d_out);
+        scatter_images(d_out, block.kept, dx);
+        scatter_images(branch_backward(d_out), block.kept, d_input);
+      }
+      d_skip = std::move(dx);
+    }
     if (block.projection) {
       block.shortcut_norm.backward(d_skip, p);
       const FeatureMap d_short = block.shortcut_conv.backward(d_skip, true, p);

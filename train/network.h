@@ -38,6 +38,12 @@ struct ForwardOptions {
   uint64_t noise_step = 0;
   // The backbone runs in evaluation mode and gets no gradients; only the exit heads train.
   bool frozen_backbone = false;
+  // nullptr (every block runs) or [n × num_blocks] row-major, 1 = run the block, 0 = skip it, as
+  // ResNet::forward's mask (BlockDrop): a skipped image gets the block's shortcut alone, and
+  // backward() sends its gradient through that shortcut only. The block's residual branch runs on
+  // its kept images only, so that in training its batch statistics are theirs; the shortcut runs
+  // on the whole batch. Read during forward() only.
+  const uint8_t* keep = nullptr;
   // Called with every CIM layer's input before clipping (calibration): layer number, values.
   std::function<void(int layer, const float* values, size_t count)> observe_input;
 };

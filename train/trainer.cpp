@@ -157,10 +157,10 @@ void build_batch(const Dataset& data, const std::vector<uint32_t>& order, size_t
 // ---------------------------------------------------------------------------------------------
 // Input-range calibration.
 
-// The `percentile` of every CIM layer's float input over `images`, keeping only each layer's
-// largest values: the percentile of N values depends on the top N − floor(q·(N − 1)) of them
-// alone. The network runs in evaluation mode, or with batch statistics (running statistics left
-// alone) when those are still at their initial values.
+}  // namespace
+
+// Keeps only each layer's largest values: the percentile of N values depends on the top
+// N − floor(q·(N − 1)) of them alone.
 std::map<std::string, float> calibrate_ranges(TrainableResNet& net,
                                               const std::vector<float>& images, int count,
                                               double percentile, bool batch_statistics) {
@@ -219,6 +219,8 @@ std::map<std::string, float> calibrate_ranges(TrainableResNet& net,
   }
   return ranges;
 }
+
+namespace {
 
 // ---------------------------------------------------------------------------------------------
 // Settings as JSON: the identity of a run (checkpoints must match it) and its provenance.

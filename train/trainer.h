@@ -128,4 +128,11 @@ void save_trained_model(const std::string& path, const TrainResult& result,
 std::vector<double> evaluate_accuracy(TrainableResNet& net, const Dataset& data,
                                       const QuantSettings& quant);
 
+// Input ranges a_max: the `percentile` of every CIM layer's float input over `count` images
+// (linear interpolation, as numpy's), conv1 = 1.0 (pixels in [0, 1]). The network runs in
+// evaluation mode, or with batch statistics (running statistics left alone) when those are still
+// at their initial values.
+std::map<std::string, float> calibrate_ranges(TrainableResNet& net, const std::vector<float>& images,
+                                              int count, double percentile, bool batch_statistics);
+
 }  // namespace cimsweep::train
