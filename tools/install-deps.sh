@@ -15,10 +15,12 @@ packages=(
 )
 # Optional: --with-slurm adds a Slurm controller, node daemon and munge, which the integration
 # test tests/slurm/run_slurm_test.sh starts as a one-node cluster (it is skipped without them).
+# --with-fuzz adds clang with its sanitizer/libFuzzer runtimes and OpenMP (presets asan, fuzz; CI).
 for arg in "$@"; do
   case "$arg" in
     --with-slurm) packages+=(slurm-wlm munge) ;;
-    *) echo "install-deps: unknown option '$arg' (known: --with-slurm)" >&2; exit 2 ;;
+    --with-fuzz) packages+=(clang libclang-rt-dev libomp-dev) ;;
+    *) echo "install-deps: unknown option '$arg' (known: --with-slurm, --with-fuzz)" >&2; exit 2 ;;
   esac
 done
 
