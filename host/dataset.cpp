@@ -424,9 +424,9 @@ std::vector<uint8_t> read_image_bytes(const fs::path& path) {
 }
 
 // Debian's stb_image 2.27 writes past its Huffman tables when a JPEG DHT segment declares more
-// than 256 codes (fixed upstream in 2.28). Walks the markers the way stb does (segments by their
-// length, entropy-coded data byte by byte) and checks every table stb would build. Returns the
-// problem, or an empty string.
+// than 256 codes (found by fuzz/fuzz_image_folder). Walks the markers the way stb does (segments
+// by their length, entropy-coded data byte by byte) and checks every table stb would build.
+// Returns the problem, or an empty string.
 std::string jpeg_huffman_problem(const std::vector<uint8_t>& jpeg) {
   const auto byte = [&](size_t at) -> size_t { return at < jpeg.size() ? jpeg[at] : 0; };
   size_t at = 2;  // after the SOI marker

@@ -229,10 +229,10 @@ json parse_header(const std::string& path, const char* begin, const char* end) {
   std::vector<std::set<std::string>> open_objects;
   std::string duplicate;
   json::parser_callback_t check_keys = [&](int depth, json::parse_event_t event, json& parsed) {
-    if (depth >= kMaxNesting && (event == json::parse_event_t::object_start ||
-                                 event == json::parse_event_t::array_start)) {
-      throw_corrupt(path, "the header nests JSON deeper than " + std::to_string(kMaxNesting) +
-                              " levels");
+    if (depth >= kMaxNesting &&
+        (event == json::parse_event_t::object_start || event == json::parse_event_t::array_start)) {
+      throw_corrupt(path,
+                    "the header nests JSON deeper than " + std::to_string(kMaxNesting) + " levels");
     }
     if (event == json::parse_event_t::object_start) {
       open_objects.emplace_back();

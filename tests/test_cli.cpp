@@ -192,7 +192,8 @@ TEST_F(Cli, BadInputGivesOneClearLineAndNoFileLeftBehind) {
       {"corrupt model", "eval " + dir.file("t10k-labels-idx1-ubyte") + data + out, "t10k-labels"},
       // Negative counts used to be taken for "not given" and silently ignored.
       {"negative trials", "eval " + kModel + data + " --trials -5" + out, "--trials"},
-      {"negative first trial", "eval " + kModel + data + " --first-trial -1" + out, "--first-trial"},
+      {"negative first trial", "eval " + kModel + data + " --first-trial -1" + out,
+       "--first-trial"},
       {"negative limit", "eval " + kModel + data + " --limit -5" + out, "--limit"},
   };
   for (const BadInput& c : cases) {

@@ -502,6 +502,56 @@ TEST(ImageFolder, CorruptImageIsAnError) {
   expect_user_error([&] { load_dataset(dir.path(), "test"); }, {dir.file("a/broken.png")});
 }
 
+// Regressions (fuzz/fuzz_image_folder): bytes that Debian's stb_image 2.27 mishandles are refused
+// before stb sees them, each with a one-line error naming the file.
+std::string png_chunk(const std::string& type, const std::string& body) {
+  const auto big_endian_text = [](uint32_t value) {
+    const std::vector<uint8_t> bytes = big_endian(value);
+    return std::string(bytes.begin(), bytes.end());
+  };
+  const std::string typed = type + body;
+  const uLong crc = crc32(0, reinterpret_cast<const Bytef*>(typed.data()), uInt(typed.size()));
+  return big_endian_text(uint32_t(body.size())) + typed + big_endian_text(uint32_t(crc));
+}
+
+TEST(ImageFolder, BytesStbMishandlesAreRefusedBeforeDecoding) {
+  std::mt19937 rng(test_seed(309));
+  const auto expect_refused = [&](const std::string& name, const std::string& bytes,
+                                  const std::string& fragment) {
+    TempDir dir;
+    write_png_folder(rng, dir.path(), {"a", "b"}, {1, 1}, 1, 2, 2);
+    testing::write_text(dir.file("b/" + name), bytes);
+    expect_user_error([&] { load_dataset(dir.path(), "test"); }, {dir.file("b/" + name), fragment});
+  };
+  // A GIF named .png: stb would pick its GIF decoder by content.
+  expect_refused("0x.png", "GIF89a" + std::string(20, '\0'), "not a JPEG, PNG or BMP file");
+
+  // A JPEG whose Huffman table declares 16 × 200 codes: stb 2.27 writes past its 257-byte table.
+  TempDir source;
+  const std::vector<uint8_t> grey = random_bytes(rng, 8 * 8);
+  write_image(source.file("x.jpg"), grey.data(), 1, 8, 8);
+  std::string jpeg = testing::read_text(source.file("x.jpg"));
+  const size_t dht = jpeg.find("\xff\xc4");
+  ASSERT_NE(dht, std::string::npos);
+  for (size_t i = 0; i < 16; ++i) jpeg[dht + 5 + i] = char(200);
+  expect_refused("0x.jpg", jpeg, "Huffman table declares 3200 codes");
+
+  // A PNG chunk declaring 1 GB: stb reserved that much before finding the file too short.
+  const std::string signature = "\x89PNG\r\n\x1a\n";
+  const std::string header = png_chunk("IHDR", std::string("\0\0\0\2\0\0\0\2\x08\0\0\0\0", 13));
+  expect_refused("0x.png", signature + header + std::string("\x40\0\0\x12IDAT", 8) + "xx",
+                 "PNG chunk declares 1073741842 bytes");
+
+  // Sizes stb's header pass reports without checking: 5000×5000, and a BMP width below zero.
+  const std::string huge =
+      png_chunk("IHDR", std::string("\0\0\x13\x88\0\0\x13\x88\x08\0\0\0\0", 13));
+  expect_refused("0x.png", signature + huge + png_chunk("IEND", ""), "declares 5000x5000");
+  std::string bmp = "BM" + std::string(12, '\0');  // file header: size, reserved, pixel offset
+  bmp[10] = 54;
+  const std::string info("\x28\0\0\0\xc9\x01\0\xc0\x02\0\0\0\x01\0\x18\0", 16);  // width < 0
+  expect_refused("0x.bmp", bmp + info + std::string(40, '\0'), "declares 2x-1073741367");
+}
+
 TEST(ImageFolder, EmptyOrUnusableDirectoriesAreErrors) {
   TempDir dir;
   expect_user_error([&] { load_dataset(dir.path(), "test"); }, {dir.path(), "--data"});
