@@ -709,20 +709,26 @@ Dataset balanced_subset(const Dataset& data, size_t limit) {
     }
   }
 
+  return select_images(data, chosen,
+                       data.description + ", " + std::to_string(limit) + " class-balanced images");
+}
+
+Dataset select_images(const Dataset& data, const std::vector<size_t>& which,
+                      std::string description) {
   Dataset subset;
   subset.channels = data.channels;
   subset.height = data.height;
   subset.width = data.width;
   subset.num_classes = data.num_classes;
   subset.class_names = data.class_names;
-  subset.description = data.description + ", " + std::to_string(limit) + " class-balanced images";
+  subset.description = std::move(description);
   const size_t elements = data.image_elements();
-  subset.pixels.resize(chosen.size() * elements);
-  subset.labels.resize(chosen.size());
-  for (size_t k = 0; k < chosen.size(); ++k) {
-    std::copy(data.image(chosen[k]), data.image(chosen[k]) + elements,
+  subset.pixels.resize(which.size() * elements);
+  subset.labels.resize(which.size());
+  for (size_t k = 0; k < which.size(); ++k) {
+    std::copy(data.image(which[k]), data.image(which[k]) + elements,
               subset.pixels.begin() + std::ptrdiff_t(k * elements));
-    subset.labels[k] = data.labels[chosen[k]];
+    subset.labels[k] = data.labels[which[k]];
   }
   return subset;
 }

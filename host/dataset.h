@@ -40,4 +40,8 @@ Dataset load_dataset(const std::string& path, const std::string& split);
 // limit / num_classes images when it has enough. limit == 0 or >= size() returns everything.
 Dataset balanced_subset(const Dataset& data, size_t limit);
 
+// The images `which` (indices into data, in that order) as a data set of their own.
+Dataset select_images(const Dataset& data, const std::vector<size_t>& which,
+                      std::string description);
+
 }  // namespace cimsweep

@@ -28,26 +28,6 @@ std::string number_text(double value) {
 const char* const kPolicyUsage =
     "use fixed:E, entropy:T1,T2,…, best-static, sigma-aware or sigma-aware-learned";
 
-Dataset take_images(const Dataset& data, const std::vector<size_t>& which,
-                    std::string description) {
-  Dataset subset;
-  subset.channels = data.channels;
-  subset.height = data.height;
-  subset.width = data.width;
-  subset.num_classes = data.num_classes;
-  subset.class_names = data.class_names;
-  subset.description = std::move(description);
-  const size_t elements = data.image_elements();
-  subset.pixels.resize(which.size() * elements);
-  subset.labels.resize(which.size());
-  for (size_t k = 0; k < which.size(); ++k) {
-    std::copy(data.image(which[k]), data.image(which[k]) + elements,
-              subset.pixels.begin() + std::ptrdiff_t(k * elements));
-    subset.labels[k] = data.labels[which[k]];
-  }
-  return subset;
-}
-
 size_t total_images(const std::vector<ExitObservations>& chips) {
   size_t total = 0;
   for (const ExitObservations& chip : chips) total += chip.images();
@@ -282,8 +262,8 @@ CalibrationSplit split_for_calibration(const Dataset& data, size_t count, uint64
   const std::string how =
       std::to_string(count) + " calibration images (seed " + std::to_string(seed) + ")";
   CalibrationSplit split{CalibrationImages(),
-                         take_images(data, rest, data.description + " without " + how), rest};
-  split.calibration.data_ = take_images(data, chosen, data.description + ", " + how);
+                         select_images(data, rest, data.description + " without " + how), rest};
+  split.calibration.data_ = select_images(data, chosen, data.description + ", " + how);
   split.calibration.source_indices_ = std::move(chosen);
   return split;
 }

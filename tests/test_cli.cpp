@@ -15,6 +15,9 @@
 
 namespace {
 
+using cimsweep::testing::split_lines;
+using cimsweep::testing::write_tiny_idx_test_split;
+
 using cimsweep::testing::run_cimsweep;
 using cimsweep::testing::TempDir;
 
@@ -23,38 +26,10 @@ const std::string kModel = std::string(CIMSWEEP_SOURCE_DIR) +
 const std::string kRgbModel =
     std::string(CIMSWEEP_SOURCE_DIR) + "/tests/data/golden_resnet8_k3_w4_rgb_shortcutA.safetensors";
 
-void put_be32(std::ofstream& out, uint32_t v) {
-  const unsigned char b[4] = {uint8_t(v >> 24), uint8_t(v >> 16), uint8_t(v >> 8), uint8_t(v)};
-  out.write(reinterpret_cast<const char*>(b), 4);
-}
-
-// 42 grey 11×13 images of 7 classes, as the IDX files of an MNIST-style test split.
-void write_idx_data(const std::string& dir, uint32_t seed) {
-  std::mt19937 rng(seed);
-  const int count = 42, h = 11, w = 13;
-  std::ofstream images(dir + "/t10k-images-idx3-ubyte", std::ios::binary);
-  put_be32(images, 0x803);
-  put_be32(images, count);
-  put_be32(images, h);
-  put_be32(images, w);
-  for (int i = 0; i < count * h * w; ++i) images.put(char(rng() & 0xff));
-  std::ofstream labels(dir + "/t10k-labels-idx1-ubyte", std::ios::binary);
-  put_be32(labels, 0x801);
-  put_be32(labels, count);
-  for (int i = 0; i < count; ++i) labels.put(char(i % 7));
-}
-
-std::vector<std::string> lines(const std::string& text) {
-  std::vector<std::string> out;
-  std::stringstream ss(text);
-  for (std::string line; std::getline(ss, line);) out.push_back(line);
-  return out;
-}
-
 class Cli : public ::testing::Test {
  protected:
   void SetUp() override {
-    write_idx_data(dir.path(), cimsweep::testing::test_seed(4242));
+    write_tiny_idx_test_split(dir.path(), cimsweep::testing::test_seed(4242));
     common = kModel + " --data " + dir.path() + " --quiet --batch 16";
   }
   TempDir dir;
@@ -74,7 +49,7 @@ TEST_F(Cli, SweepPrintsATableThatParsesWithEveryRowAndTheCleanAccuracy) {
     EXPECT_GE(row.at("mean").get<double>(), 0.0);
   }
   // The results file: one clean record + 2 σ × 2 trials, each a complete JSON object.
-  const auto records = lines(cimsweep::testing::read_text(dir.file("r.jsonl")));
+  const auto records = split_lines(cimsweep::testing::read_text(dir.file("r.jsonl")));
   ASSERT_EQ(records.size(), 5u);
   for (const auto& line : records) {
     const auto j = nlohmann::json::parse(line);
@@ -84,7 +59,7 @@ TEST_F(Cli, SweepPrintsATableThatParsesWithEveryRowAndTheCleanAccuracy) {
     EXPECT_EQ(j.at("exit_accuracy").size(), 3u);
   }
   // The backend notice is the only thing on stderr when it is not a terminal.
-  EXPECT_EQ(lines(r.err).size(), 1u) << r.err;
+  EXPECT_EQ(split_lines(r.err).size(), 1u) << r.err;
   EXPECT_NE(r.err.find("CPU backend"), std::string::npos) << r.err;
 }
 
@@ -93,7 +68,7 @@ TEST_F(Cli, ResumeAfterATornResultsFileGivesTheUninterruptedTable) {
   const auto whole = run_cimsweep(args + " --results " + dir.file("whole.jsonl"));
   ASSERT_EQ(whole.exit_code, 0) << whole.err;
   // An interrupted run: three complete records and half of the fourth.
-  const auto records = lines(cimsweep::testing::read_text(dir.file("whole.jsonl")));
+  const auto records = split_lines(cimsweep::testing::read_text(dir.file("whole.jsonl")));
   ASSERT_EQ(records.size(), 7u);
   std::string partial = records[0] + "\n" + records[1] + "\n" + records[2] + "\n" +
                         records[3].substr(0, records[3].size() / 2);
@@ -101,12 +76,12 @@ TEST_F(Cli, ResumeAfterATornResultsFileGivesTheUninterruptedTable) {
   const auto resumed = run_cimsweep(args + " --results " + dir.file("part.jsonl") + " --resume");
   ASSERT_EQ(resumed.exit_code, 0) << resumed.err;
   EXPECT_EQ(resumed.out, whole.out);
-  const auto after = lines(cimsweep::testing::read_text(dir.file("part.jsonl")));
+  const auto after = split_lines(cimsweep::testing::read_text(dir.file("part.jsonl")));
   EXPECT_EQ(after.size(), 7u) << "every unit exactly once";
   // Resuming a finished file runs nothing and prints the same table again.
   const auto again = run_cimsweep(args + " --results " + dir.file("part.jsonl") + " --resume");
   EXPECT_EQ(again.out, whole.out);
-  EXPECT_EQ(lines(cimsweep::testing::read_text(dir.file("part.jsonl"))).size(), 7u);
+  EXPECT_EQ(split_lines(cimsweep::testing::read_text(dir.file("part.jsonl"))).size(), 7u);
 }
 
 // Resuming with a changed option reruns every trial; the note says why (it used to be silent).
@@ -119,7 +94,7 @@ TEST_F(Cli, ResumeUnderOtherSettingsSaysTheTrialsAreNotReused) {
                              "under other settings"),
             std::string::npos)
       << changed.err;
-  EXPECT_EQ(lines(cimsweep::testing::read_text(dir.file("r.jsonl"))).size(), 2u);
+  EXPECT_EQ(split_lines(cimsweep::testing::read_text(dir.file("r.jsonl"))).size(), 2u);
 }
 
 // The same seed gives the same chips, whatever the thread count (the seed's effect on every
@@ -135,7 +110,7 @@ TEST_F(Cli, SameSeedSameResultsForOneAndTwoThreads) {
 
 TEST_F(Cli, SweepFileWithRelativePaths) {
   std::filesystem::create_directory(dir.file("data"));
-  write_idx_data(dir.file("data"), 7);
+  write_tiny_idx_test_split(dir.file("data"), 7);
   std::filesystem::copy_file(kModel, dir.file("m.safetensors"));
   cimsweep::testing::write_text(dir.file("s.toml"), R"(
 name = "tiny"
@@ -200,7 +175,7 @@ TEST_F(Cli, BadInputGivesOneClearLineAndNoFileLeftBehind) {
     const auto r = run_cimsweep(c.args);
     EXPECT_NE(r.exit_code, 0) << c.what;
     EXPECT_EQ(r.out, "") << c.what;
-    EXPECT_EQ(lines(r.err).size(), 1u) << c.what << ": " << r.err;
+    EXPECT_EQ(split_lines(r.err).size(), 1u) << c.what << ": " << r.err;
     EXPECT_NE(r.err.find(c.expect_in_message), std::string::npos) << c.what << ": " << r.err;
     EXPECT_FALSE(std::filesystem::exists(dir.file("table.md"))) << c.what;
     EXPECT_FALSE(std::filesystem::exists(dir.file("r.jsonl"))) << c.what;

@@ -23,6 +23,9 @@
 
 namespace {
 
+using cimsweep::testing::split_lines;
+using cimsweep::testing::write_tiny_idx_test_split;
+
 using cimsweep::CalibrationImages;
 using cimsweep::Dataset;
 using cimsweep::ExitObservations;
@@ -58,13 +61,6 @@ ExitObservations chip(const std::vector<std::vector<ExitStats>>& images) {
     obs.labels.push_back(0);
   }
   return obs;
-}
-
-std::vector<std::string> lines(const std::string& text) {
-  std::vector<std::string> out;
-  std::stringstream ss(text);
-  for (std::string line; std::getline(ss, line);) out.push_back(line);
-  return out;
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -398,31 +394,10 @@ TEST(ExitPolicyOptions, BadPoliciesAndSettingsAreUserErrors) {
 // ---------------------------------------------------------------------------------------------
 // Command line.
 
-void put_be32(std::ofstream& out, uint32_t v) {
-  const unsigned char b[4] = {uint8_t(v >> 24), uint8_t(v >> 16), uint8_t(v >> 8), uint8_t(v)};
-  out.write(reinterpret_cast<const char*>(b), 4);
-}
-
-// 42 grey 11×13 images of 7 classes, as the IDX files of an MNIST-style test split.
-void write_idx_data(const std::string& dir, uint32_t seed) {
-  std::mt19937 rng(seed);
-  const int count = 42, h = 11, w = 13;
-  std::ofstream images(dir + "/t10k-images-idx3-ubyte", std::ios::binary);
-  put_be32(images, 0x803);
-  put_be32(images, count);
-  put_be32(images, h);
-  put_be32(images, w);
-  for (int i = 0; i < count * h * w; ++i) images.put(char(rng() & 0xff));
-  std::ofstream labels(dir + "/t10k-labels-idx1-ubyte", std::ios::binary);
-  put_be32(labels, 0x801);
-  put_be32(labels, count);
-  for (int i = 0; i < count; ++i) labels.put(char(i % 7));
-}
-
 class ExitPolicyCli : public ::testing::Test {
  protected:
   void SetUp() override {
-    write_idx_data(dir.path(), cimsweep::testing::test_seed(4242));
+    write_tiny_idx_test_split(dir.path(), cimsweep::testing::test_seed(4242));
     common = kModel + " --data " + dir.path() + " --quiet --batch 16 --adc fixed";
   }
   TempDir dir;
@@ -450,7 +425,7 @@ TEST_F(ExitPolicyCli, SigmaAwareSweepReportsMacsHistogramAndFrontier) {
   for (const auto& point : out.at("frontier"))
     EXPECT_TRUE(point.contains("macs_per_image") && point.contains("threshold"));
   // 14 of the 42 images are held apart: every trial, clean included, evaluates the other 28.
-  const auto records = lines(cimsweep::testing::read_text(dir.file("r.jsonl")));
+  const auto records = split_lines(cimsweep::testing::read_text(dir.file("r.jsonl")));
   ASSERT_EQ(records.size(), 5u);
   for (const auto& line : records) {
     const auto j = nlohmann::json::parse(line);
@@ -477,7 +452,7 @@ TEST_F(ExitPolicyCli, ResumeNeverMixesPoliciesAndSingleExitTablesAreUnchanged) {
   ASSERT_EQ(second.exit_code, 0) << second.err;
   EXPECT_NE(second.out.find(",fixed:3,198279.0,0.0,0.0,1.0"), std::string::npos) << second.out;
   EXPECT_EQ(second.out.find("fixed:1"), std::string::npos) << second.out;
-  EXPECT_EQ(lines(cimsweep::testing::read_text(dir.file("r.jsonl"))).size(), 6u)
+  EXPECT_EQ(split_lines(cimsweep::testing::read_text(dir.file("r.jsonl"))).size(), 6u)
       << "fixed:3 ran its own 3 units";
 
   // Without a policy the table has no policy columns.
@@ -512,7 +487,7 @@ TEST_F(ExitPolicyCli, BadInputGivesOneClearLineAndExitCode2) {
     const auto r = run_cimsweep(c.args + " --results " + dir.file("r.jsonl"));
     EXPECT_EQ(r.exit_code, 2) << c.what << ": " << r.err;
     EXPECT_EQ(r.out, "") << c.what;
-    EXPECT_EQ(lines(r.err).size(), 1u) << c.what << ": " << r.err;
+    EXPECT_EQ(split_lines(r.err).size(), 1u) << c.what << ": " << r.err;
     EXPECT_NE(r.err.find(c.expect_in_message), std::string::npos) << c.what << ": " << r.err;
     EXPECT_FALSE(std::filesystem::exists(dir.file("r.jsonl"))) << c.what;
   }

@@ -17,6 +17,8 @@
 
 namespace {
 
+using cimsweep::testing::split_lines;
+
 namespace fs = std::filesystem;
 using cimsweep::SlurmJob;
 using cimsweep::SlurmOptions;
@@ -38,15 +40,8 @@ std::string user_error(const std::function<void()>& action) {
   return "";
 }
 
-std::vector<std::string> lines(const std::string& text) {
-  std::vector<std::string> out;
-  std::stringstream ss(text);
-  for (std::string line; std::getline(ss, line);) out.push_back(line);
-  return out;
-}
-
 bool has_line(const std::string& text, const std::string& line) {
-  for (const std::string& l : lines(text))
+  for (const std::string& l : split_lines(text))
     if (l == line) return true;
   return false;
 }
@@ -162,7 +157,7 @@ TEST_F(Slurm, ArrayScriptRequestsTheResourcesAndRunsShareIOfNPerTask) {
     EXPECT_TRUE(has_line(script, expected)) << expected << "\nnot in:\n" << script;
   // sbatch reads #SBATCH lines only up to the first command.
   bool seen_command = false;
-  for (const std::string& line : lines(script)) {
+  for (const std::string& line : split_lines(script)) {
     if (line.rfind("#SBATCH", 0) == 0) EXPECT_FALSE(seen_command) << line;
     if (!line.empty() && line[0] != '#') seen_command = true;
   }
@@ -187,7 +182,7 @@ TEST_F(Slurm, ArrayScriptRequestsTheResourcesAndRunsShareIOfNPerTask) {
         "6",
         "--trials",
         "5"};
-    EXPECT_EQ(lines(read_text(out)), expected);
+    EXPECT_EQ(split_lines(read_text(out)), expected);
   }
   EXPECT_NE(script.find("export OMP_NUM_THREADS=\"${SLURM_CPUS_PER_TASK:-4}\""), std::string::npos);
   // Run outside sbatch, the script says so instead of running shard "/8".
@@ -236,7 +231,7 @@ TEST_F(Slurm, MergeScriptJoinsEveryShardFileIntoMergedResultsAndTable) {
                                              results + "/merged.jsonl",
                                              "--output",
                                              results + "/table.md"};
-  EXPECT_EQ(lines(read_text(out)), expected);
+  EXPECT_EQ(split_lines(read_text(out)), expected);
 
   options.time = "10";
   EXPECT_TRUE(has_line(cimsweep::merge_script(cimsweep::plan_slurm_job(options)),
@@ -300,7 +295,7 @@ TEST_F(Slurm, SubmitChainsTheMergeAfterTheArrayAndSaysHowToFollowAndRetry) {
       "--parsable " + results + "/cimsweep-tiny-sweep.sbatch",
       "--parsable --dependency=afterok:4242 --kill-on-invalid-dep=yes " + results +
           "/cimsweep-tiny-sweep-merge.sbatch"};
-  EXPECT_EQ(lines(read_text(log)), expected);
+  EXPECT_EQ(split_lines(read_text(log)), expected);
   const std::string text = out.str();
   for (const std::string& expected_text : std::vector<std::string>{
            "job array 4242", "merge job 4243", "squeue -M gpu-cluster -j 4242,4243",

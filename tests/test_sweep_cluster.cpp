@@ -32,40 +32,15 @@ extern char** environ;
 
 namespace {
 
+using cimsweep::testing::split_lines;
+using cimsweep::testing::write_tiny_idx_test_split;
+
 using cimsweep::testing::read_text;
 using cimsweep::testing::run_cimsweep;
 using cimsweep::testing::TempDir;
 
 const std::string kModel = std::string(CIMSWEEP_SOURCE_DIR) +
                            "/tests/data/golden_resnet8_k5_w3_11x13_shortcutB_exits.safetensors";
-
-void put_be32(std::ofstream& out, uint32_t v) {
-  const unsigned char b[4] = {uint8_t(v >> 24), uint8_t(v >> 16), uint8_t(v >> 8), uint8_t(v)};
-  out.write(reinterpret_cast<const char*>(b), 4);
-}
-
-// 42 grey 11×13 images of 7 classes as MNIST-style IDX files.
-void write_idx_data(const std::string& dir, uint32_t seed) {
-  std::mt19937 rng(seed);
-  const int count = 42, h = 11, w = 13;
-  std::ofstream images(dir + "/t10k-images-idx3-ubyte", std::ios::binary);
-  put_be32(images, 0x803);
-  put_be32(images, count);
-  put_be32(images, h);
-  put_be32(images, w);
-  for (int i = 0; i < count * h * w; ++i) images.put(char(rng() & 0xff));
-  std::ofstream labels(dir + "/t10k-labels-idx1-ubyte", std::ios::binary);
-  put_be32(labels, 0x801);
-  put_be32(labels, count);
-  for (int i = 0; i < count; ++i) labels.put(char(i % 7));
-}
-
-std::vector<std::string> lines(const std::string& text) {
-  std::vector<std::string> out;
-  std::stringstream ss(text);
-  for (std::string line; std::getline(ss, line);) out.push_back(line);
-  return out;
-}
 
 // (model, σ, trial) → correct, for comparing what two runs computed regardless of file order.
 std::map<std::string, uint64_t> results_by_unit(const std::vector<cimsweep::TrialRecord>& records) {
@@ -77,7 +52,7 @@ std::map<std::string, uint64_t> results_by_unit(const std::vector<cimsweep::Tria
 class Cluster : public ::testing::Test {
  protected:
   void SetUp() override {
-    write_idx_data(dir.path(), cimsweep::testing::test_seed(777));
+    write_tiny_idx_test_split(dir.path(), cimsweep::testing::test_seed(777));
     common = kModel + " --data " + dir.path() + " --quiet --batch 16 --format csv";
   }
   TempDir dir;
@@ -113,8 +88,9 @@ TEST_F(Cluster, EveryShardCountUnionEqualsTheUnshardedSweep) {
                                      dir.file("merged" + std::to_string(shards)));
     ASSERT_EQ(merged.exit_code, 0) << merged.err;
     EXPECT_EQ(merged.out, whole.out) << shards << " shards";
-    EXPECT_EQ(results_by_unit(cimsweep::read_results_file(dir.file("merged" + std::to_string(shards)))),
-              expected);
+    EXPECT_EQ(
+        results_by_unit(cimsweep::read_results_file(dir.file("merged" + std::to_string(shards)))),
+        expected);
   }
 }
 
@@ -124,7 +100,8 @@ TEST_F(Cluster, DevicesSplitTheTrialsWithoutChangingThem) {
   ASSERT_EQ(one.exit_code, 0) << one.err;
   for (const std::string devices : {"0,1", "3,1,2"}) {
     const std::string file = dir.file("dev" + devices + ".jsonl");
-    const auto many = run_cimsweep(sweep + " --backend cpu --devices " + devices + " --results " + file);
+    const auto many =
+        run_cimsweep(sweep + " --backend cpu --devices " + devices + " --results " + file);
     ASSERT_EQ(many.exit_code, 0) << many.err;
     EXPECT_EQ(many.out, one.out) << devices;
     const auto records = cimsweep::read_results_file(file);
@@ -148,7 +125,7 @@ TEST_F(Cluster, MergeIsIdempotentAndKeepsAShardThatRanTwiceOnce) {
   const auto first = run_cimsweep("merge " + shards + " --results " + dir.file("m.jsonl"));
   ASSERT_EQ(first.exit_code, 0) << first.err;
   const std::string merged_once = read_text(dir.file("m.jsonl"));
-  EXPECT_EQ(lines(merged_once).size(), 4u);
+  EXPECT_EQ(split_lines(merged_once).size(), 4u);
   // Again, with shard 0 listed twice and the merged file among the inputs.
   const auto second = run_cimsweep("merge " + shards + " " + dir.file("s0") + " " +
                                    dir.file("m.jsonl") + " --results " + dir.file("m.jsonl"));
@@ -164,16 +141,18 @@ TEST_F(Cluster, MergeRefusesResultsThatDisagree) {
             0);
   // The same units with one result changed, as a shard from another build would have them.
   std::string text = read_text(dir.file("a"));
-  auto record = nlohmann::json::parse(lines(text)[0]);
+  auto record = nlohmann::json::parse(split_lines(text)[0]);
   record["correct"] = record["correct"].get<int>() + 1;
   cimsweep::testing::write_text(dir.file("b"), record.dump() + "\n");
   const auto r = run_cimsweep("merge " + dir.file("a") + " " + dir.file("b"));
   EXPECT_EQ(r.exit_code, 2);
   EXPECT_NE(r.err.find("disagree"), std::string::npos) << r.err;
-  EXPECT_EQ(lines(r.err).size(), 1u) << r.err;
+  EXPECT_EQ(split_lines(r.err).size(), 1u) << r.err;
   // Another configuration under the same model label.
-  ASSERT_EQ(run_cimsweep("sweep " + common + " --sigmas 0.1 --trials 1 --no-clean --rows 16 "
-                         "--results " + dir.file("c"))
+  ASSERT_EQ(run_cimsweep("sweep " + common +
+                         " --sigmas 0.1 --trials 1 --no-clean --rows 16 "
+                         "--results " +
+                         dir.file("c"))
                 .exit_code,
             0);
   const auto mixed = run_cimsweep("merge " + dir.file("a") + " " + dir.file("c"));
@@ -186,7 +165,7 @@ TEST_F(Cluster, BadShardsAndDeviceListsGetOneLine) {
     const auto r = run_cimsweep("sweep " + common + " --sigmas 0.1 --shard '" + shard + "'");
     EXPECT_EQ(r.exit_code, 2) << shard << ": " << r.err;
     EXPECT_NE(r.err.find("--shard"), std::string::npos) << r.err;
-    EXPECT_EQ(lines(r.err).size(), 1u) << r.err;
+    EXPECT_EQ(split_lines(r.err).size(), 1u) << r.err;
   }
   for (const std::string devices : {"0,0", "a", "0,,1", "-1"}) {
     const auto r = run_cimsweep("sweep " + common + " --sigmas 0.1 --devices '" + devices + "'");
@@ -229,8 +208,8 @@ TEST_F(Cluster, KilledAgainAndAgainThenResumedLosesAndRepeatsNothing) {
   const uint32_t seed = cimsweep::testing::test_seed(2718);
   std::mt19937 rng(seed);
   const std::vector<std::string> sweep = {
-      "sweep", kModel, "--data", dir.path(), "--quiet", "--batch", "16", "--threads", "1",
-      "--sigmas", "0.05,0.1", "--trials", "25", "--format", "csv"};
+      "sweep", kModel,     "--data",   dir.path(), "--quiet", "--batch",  "16", "--threads",
+      "1",     "--sigmas", "0.05,0.1", "--trials", "25",      "--format", "csv"};
   const auto whole = run_cimsweep("sweep " + common + " --threads 1 --sigmas 0.05,0.1 --trials 25");
   ASSERT_EQ(whole.exit_code, 0) << whole.err;
 
@@ -292,7 +271,7 @@ TEST_F(Cluster, KilledAgainAndAgainThenResumedLosesAndRepeatsNothing) {
 
   // No unit twice in the file, and every line a complete record.
   std::set<std::string> keys;
-  const auto raw = lines(read_text(dir.file("r.jsonl")));
+  const auto raw = split_lines(read_text(dir.file("r.jsonl")));
   for (const auto& line : raw) {
     const auto record = cimsweep::trial_from_json(nlohmann::json::parse(line));
     EXPECT_TRUE(keys.insert(cimsweep::unit_key(record)).second) << "twice: " << line;

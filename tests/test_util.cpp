@@ -7,6 +7,7 @@
 #include <filesystem>
 #include <fstream>
 #include <iostream>
+#include <random>
 #include <sstream>
 #include <stdexcept>
 
@@ -42,6 +43,35 @@ std::string read_text(const std::string& path) {
 void write_text(const std::string& path, const std::string& text) {
   std::ofstream out(path, std::ios::binary);
   out << text;
+}
+
+std::vector<std::string> split_lines(const std::string& text) {
+  std::vector<std::string> out;
+  std::stringstream ss(text);
+  for (std::string line; std::getline(ss, line);) out.push_back(line);
+  return out;
+}
+
+namespace {
+void put_be32(std::ofstream& out, uint32_t v) {
+  const unsigned char b[4] = {uint8_t(v >> 24), uint8_t(v >> 16), uint8_t(v >> 8), uint8_t(v)};
+  out.write(reinterpret_cast<const char*>(b), 4);
+}
+}  // namespace
+
+void write_tiny_idx_test_split(const std::string& dir, uint32_t seed) {
+  std::mt19937 rng(seed);
+  const int count = 42, h = 11, w = 13;
+  std::ofstream images(dir + "/t10k-images-idx3-ubyte", std::ios::binary);
+  put_be32(images, 0x803);
+  put_be32(images, count);
+  put_be32(images, h);
+  put_be32(images, w);
+  for (int i = 0; i < count * h * w; ++i) images.put(char(rng() & 0xff));
+  std::ofstream labels(dir + "/t10k-labels-idx1-ubyte", std::ios::binary);
+  put_be32(labels, 0x801);
+  put_be32(labels, count);
+  for (int i = 0; i < count; ++i) labels.put(char(i % 7));
 }
 
 CommandResult run_cimsweep(const std::string& args) {

@@ -3,6 +3,7 @@
 #include <cstdint>
 #include <random>
 #include <string>
+#include <vector>
 
 namespace cimsweep::testing {
 
@@ -32,6 +33,11 @@ struct CommandResult {
 CommandResult run_cimsweep(const std::string& args);
 
 std::string read_text(const std::string& path);
+// The lines of a text, without their newlines.
+std::vector<std::string> split_lines(const std::string& text);
+// 42 grey 11×13 images of 7 classes (label = index mod 7, random pixels from `seed`), as the IDX
+// files of an MNIST-style test split in `dir`: the data of the tiny golden models' CLI tests.
+void write_tiny_idx_test_split(const std::string& dir, uint32_t seed);
 void write_text(const std::string& path, const std::string& text);
 
 }  // namespace cimsweep::testing
