@@ -7,9 +7,9 @@
 #include <filesystem>
 
 #include "host/errors.h"
-#include "host/splitmix64.h"
 #include "host/model_file.h"
 #include "host/safetensors.h"
+#include "host/splitmix64.h"
 #include "train/layers.h"
 #include "train/trainer.h"
 
@@ -97,7 +97,6 @@ constexpr int kDefaultFinetuneEpochs = 10;
 constexpr double kRangePercentile = 99.99;
 constexpr size_t kCalibrationImages = 2000;
 
-
 }  // namespace
 
 int finetune_epochs(const BlockDropSettings& settings) {
@@ -121,6 +120,31 @@ double blockdrop_reward(bool correct, int kept, int blocks, const RewardSettings
   const double sparsity = 1 - used * used;
   return s.accuracy_objective ? 1 + s.compute_weight * sparsity : sparsity;
 }
+
+namespace {
+
+// The self-critical advantage of every image: reward of its sampled mask − reward of its
+// thresholded mask (the baseline); the thresholded rewards are added to reward_sum.
+std::vector<double> self_critical_advantages(const std::vector<int>& sampled_pred,
+                                             const std::vector<int>& greedy_pred,
+                                             const std::vector<int32_t>& labels,
+                                             const std::vector<uint8_t>& sampled,
+                                             const std::vector<uint8_t>& greedy, int blocks,
+                                             const RewardSettings& reward, double& reward_sum) {
+  std::vector<double> advantages(labels.size());
+  for (size_t i = 0; i < labels.size(); ++i) {
+    const size_t row = i * size_t(blocks);
+    const double r_sample = blockdrop_reward(
+        sampled_pred[i] == labels[i], count_kept(&sampled[row], size_t(blocks)), blocks, reward);
+    const double r_greedy = blockdrop_reward(
+        greedy_pred[i] == labels[i], count_kept(&greedy[row], size_t(blocks)), blocks, reward);
+    advantages[i] = r_sample - r_greedy;
+    reward_sum += r_greedy;
+  }
+  return advantages;
+}
+
+}  // namespace
 
 double reinforce_loss_and_gradient(const std::vector<float>& probs,
                                    const std::vector<uint8_t>& sampled,
@@ -322,18 +346,8 @@ BlockDropResult train_blockdrop(const BlockDropSettings& settings, const LoadedM
       const std::vector<uint8_t> greedy = thresholded_masks(probs, n, free);
       const auto sampled_pred = backbone_predictions(net, *backend, images, n, sampled);
       const auto greedy_pred = backbone_predictions(net, *backend, images, n, greedy);
-      std::vector<double> advantages(static_cast<size_t>(n));
-      for (int i = 0; i < n; ++i) {
-        const size_t row = size_t(i) * blocks;
-        const double r_sample =
-            blockdrop_reward(sampled_pred[size_t(i)] == labels[size_t(i)],
-                             count_kept(&sampled[row], size_t(blocks)), blocks, settings.reward);
-        const double r_greedy =
-            blockdrop_reward(greedy_pred[size_t(i)] == labels[size_t(i)],
-                             count_kept(&greedy[row], size_t(blocks)), blocks, settings.reward);
-        advantages[size_t(i)] = r_sample - r_greedy;
-        reward_sum += r_greedy;
-      }
+      const std::vector<double> advantages = self_critical_advantages(
+          sampled_pred, greedy_pred, labels, sampled, greedy, blocks, settings.reward, reward_sum);
       std::vector<float> dlogits;
       reinforce_loss_and_gradient(probs, sampled, advantages, free, settings.alpha, settings.beta,
                                   dlogits);
@@ -450,18 +464,9 @@ BlockDropResult train_blockdrop(const BlockDropSettings& settings, const LoadedM
         if (!std::isfinite(loss))
           throw UserError("joint fine-tuning diverged at epoch " + std::to_string(epoch) +
                           ": lower --backbone-lr");
-        std::vector<double> advantages(static_cast<size_t>(n));
-        for (int i = 0; i < n; ++i) {
-          const size_t row = size_t(i) * blocks;
-          const double r_sample =
-              blockdrop_reward(sampled_pred[size_t(i)] == labels[size_t(i)],
-                               count_kept(&sampled[row], size_t(blocks)), blocks, settings.reward);
-          const double r_greedy =
-              blockdrop_reward(greedy_pred[size_t(i)] == labels[size_t(i)],
-                               count_kept(&greedy[row], size_t(blocks)), blocks, settings.reward);
-          advantages[size_t(i)] = r_sample - r_greedy;
-          reward_sum += r_greedy;
-        }
+        const std::vector<double> advantages =
+            self_critical_advantages(sampled_pred, greedy_pred, labels, sampled, greedy, blocks,
+                                     settings.reward, reward_sum);
         std::vector<float> dprobs;
         // No entropy bonus: finetune.py has none.
         reinforce_loss_and_gradient(probs, sampled, advantages, free, settings.alpha, 0.0, dprobs);

@@ -535,20 +535,22 @@ ResNetArch make_arch(const TrainSettings& s, const Dataset& data) {
   return a;
 }
 
-std::vector<double> evaluate_accuracy(TrainableResNet& net, const Dataset& data,
-                                      const QuantSettings& quant) {
-  const int heads = net.arch().num_exits(), classes = net.arch().num_classes;
+namespace {
+
+// Top-1 accuracy (%) of every exit over `data`, in batches of kEvaluationBatch images scaled to
+// [0, 1]; `forward(images, count)` returns the logits of every exit.
+template <class Forward>
+std::vector<double> exit_accuracies(const Dataset& data, const ResNetArch& arch,
+                                    Forward&& forward) {
+  const int heads = arch.num_exits(), classes = arch.num_classes;
   std::vector<uint64_t> correct(size_t(heads), 0);
-  ForwardOptions options;
-  options.quant = quant;
-  const size_t per_image = data.image_elements();
   std::vector<float> images;
   for (size_t first = 0; first < data.size(); first += kEvaluationBatch) {
     const int count = int(std::min<size_t>(kEvaluationBatch, data.size() - first));
-    images.resize(size_t(count) * per_image);
+    images.resize(size_t(count) * data.image_elements());
     const uint8_t* pixels = data.image(first);
     for (size_t i = 0; i < images.size(); ++i) images[i] = pixels[i] * (1.0f / 255.0f);
-    const auto logits = net.predict(images.data(), count, options);
+    const auto logits = forward(images.data(), count);
     for (int e = 0; e < heads; ++e)
       for (int i = 0; i < count; ++i) {
         const float* row = logits[size_t(e)].data() + size_t(i) * classes;
@@ -559,6 +561,17 @@ std::vector<double> evaluate_accuracy(TrainableResNet& net, const Dataset& data,
   std::vector<double> accuracy;
   for (uint64_t c : correct) accuracy.push_back(100.0 * double(c) / double(data.size()));
   return accuracy;
+}
+
+}  // namespace
+
+std::vector<double> evaluate_accuracy(TrainableResNet& net, const Dataset& data,
+                                      const QuantSettings& quant) {
+  ForwardOptions options;
+  options.quant = quant;
+  return exit_accuracies(data, net.arch(), [&](const float* images, int count) {
+    return net.predict(images, count, options);
+  });
 }
 
 namespace {
@@ -575,25 +588,9 @@ std::vector<double> evaluator_accuracy(const TrainResult& r, const Dataset& data
   config.scaling = s.scaling;
   CpuCimBackend backend(net.cim_layers(), config);
   backend.set_all_digital(true);
-  const int heads = r.arch.num_exits(), classes = r.arch.num_classes;
-  std::vector<uint64_t> correct(size_t(heads), 0);
-  std::vector<float> images;
-  for (size_t first = 0; first < data.size(); first += kEvaluationBatch) {
-    const int count = int(std::min<size_t>(kEvaluationBatch, data.size() - first));
-    images.resize(size_t(count) * data.image_elements());
-    const uint8_t* pixels = data.image(first);
-    for (size_t i = 0; i < images.size(); ++i) images[i] = pixels[i] * (1.0f / 255.0f);
-    const auto logits = net.forward(images.data(), count, backend);
-    for (int e = 0; e < heads; ++e)
-      for (int i = 0; i < count; ++i) {
-        const float* row = logits[size_t(e)].data() + size_t(i) * classes;
-        correct[size_t(e)] +=
-            int(std::max_element(row, row + classes) - row) == data.labels[first + size_t(i)];
-      }
-  }
-  std::vector<double> accuracy;
-  for (uint64_t c : correct) accuracy.push_back(100.0 * double(c) / double(data.size()));
-  return accuracy;
+  return exit_accuracies(data, r.arch, [&](const float* images, int count) {
+    return net.forward(images, count, backend);
+  });
 }
 
 std::string utc_now() {
