@@ -22,7 +22,6 @@
 #include <cmath>
 #include <cstdio>
 #include <filesystem>
-#include <fstream>
 #include <map>
 #include <random>
 #include <string>
@@ -38,6 +37,7 @@
 #include "host/cim_cpu.h"
 #include "host/errors.h"
 #include "host/model_file.h"
+#include "host/results.h"
 #include "networks/resnet.h"
 #include "bench/random_resnet.h"
 
@@ -227,7 +227,7 @@ void dump_layer(const std::string& path, uint64_t seed) {
                      {"bias", bias},
                      {"input", input},
                      {"cases", cases}};
-  std::ofstream(path) << dump.dump() << "\n";
+  write_file_atomically(path, dump.dump() + "\n");
   std::printf("wrote %s (%zu cases)\n", path.c_str(), cases.size());
 }
 
@@ -377,9 +377,7 @@ int main(int argc, char** argv) {
     }
     report["networks"] = networks;
     if (!o.json_path.empty()) {
-      std::ofstream out(o.json_path);
-      out << report.dump(2) << "\n";
-      if (!out) throw UserError("cannot write " + o.json_path);
+      write_file_atomically(o.json_path, report.dump(2) + "\n");
       std::printf("raw numbers written to %s\n", o.json_path.c_str());
     }
   } catch (const std::exception& e) {

@@ -17,7 +17,6 @@
 #include <algorithm>
 #include <chrono>
 #include <cstdio>
-#include <fstream>
 #include <random>
 #include <string>
 #include <vector>
@@ -26,6 +25,7 @@
 #include <nlohmann/json.hpp>
 
 #include "host/cim_cpu.h"
+#include "host/results.h"
 #include "networks/resnet.h"
 #include "train/layers.h"
 #include "train/network.h"
@@ -97,7 +97,7 @@ double gemm_flops(const std::vector<std::vector<GemmShape>>& layers) {
 
 }  // namespace
 
-int main(int argc, char** argv) {
+static int run(int argc, char** argv) {
   CLI::App app{"bench_train_cpu: CPU training throughput against the sgemm rate of its shapes"};
   int depth = 20, width = 16, size = 32, channels = 3, classes = 10, batch = 128, steps = 5;
   int threads = 0;
@@ -204,7 +204,16 @@ int main(int argc, char** argv) {
                      {"train_fraction_of_sgemm", train_images / gemm_images},
                      {"engine_forward_images_per_second", forward_images},
                      {"evaluator_digital_images_per_second", digital_images}};
-    std::ofstream(json_path) << j.dump(2) << "\n";
+    cimsweep::write_file_atomically(json_path, j.dump(2) + "\n");
   }
   return 0;
+}
+
+int main(int argc, char** argv) {
+  try {
+    return run(argc, argv);
+  } catch (const std::exception& e) {
+    std::fprintf(stderr, "bench_train_cpu: %s\n", e.what());
+    return 1;
+  }
 }
