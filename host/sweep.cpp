@@ -12,6 +12,7 @@
 #include <optional>
 #include <sstream>
 #include <thread>
+#include <unordered_map>
 
 #include "host/dataset.h"
 #include "host/errors.h"
@@ -148,6 +149,10 @@ std::vector<TrialRecord> run_sweep(const SweepPlan& plan, const SweepOptions& op
   std::unique_ptr<ResultsLog> log;
   if (!options.results_path.empty())
     log = std::make_unique<ResultsLog>(options.results_path, options.resume);
+  // The finished trials of the results file by unit key (its records are already one per unit).
+  std::unordered_map<std::string, const TrialRecord*> finished;
+  if (log)
+    for (const TrialRecord& r : log->existing()) finished.emplace(unit_key(r), &r);
   // Trials of a model under other settings stay in the file but are not reused; a changed option
   // is the usual cause, and without this line the rerun of every trial would go unexplained.
   for (size_t m = 0; log && m < models.size(); ++m) {
@@ -190,9 +195,8 @@ std::vector<TrialRecord> run_sweep(const SweepPlan& plan, const SweepOptions& op
       key.sigma = unit.sigma;
       key.trial = unit.trial;
       slots.emplace_back();
-      if (log && log->has(key)) {
-        for (const TrialRecord& r : log->existing())
-          if (unit_key(r) == unit_key(key)) slots.back() = r;
+      if (auto done = finished.find(unit_key(key)); done != finished.end()) {
+        slots.back() = *done->second;
       } else {
         todo.push_back(unit);
         todo_slot.push_back(slots.size() - 1);
