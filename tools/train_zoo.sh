@@ -1,0 +1,37 @@
+#!/usr/bin/env bash
+# Trains the CIFAR-10 model zoo (models/README.md) one model after another, cheapest first, with
+# tools/train_cifar_qat.py. Safe to stop and start again, on this machine or a fresh one: a model
+# already in models/ is skipped, an unfinished one resumes from models/checkpoints/<name>/ (commit
+# that folder to carry a run to the next machine), a finished one's checkpoint is removed.
+#   tools/train_zoo.sh DATA [NAME...]     DATA: CIFAR-10 image folders (train/, test/)
+# e.g. mkdir -p data/cifar10-jpeg && for s in train test; do
+#        tar xzf ../shared/data/cifar10-$s-jpeg.tar.gz -C data/cifar10-jpeg; done
+set -euo pipefail
+cd "$(dirname "$0")/.."
+data="${1:?usage: tools/train_zoo.sh DATA [NAME...] (DATA: folder with train/ and test/)}"
+shift
+threads="${CIMSWEEP_TRAIN_THREADS:-2}"
+# name | arguments of tools/train_cifar_qat.py
+zoo=(
+  "cifar10-resnet20|--depth 20"
+  "cifar10-resnet20-k1|--depth 20 --kernel 1"
+  "cifar10-resnet20-w8|--depth 20 --width 8"
+  "cifar10-resnet32|--depth 32"
+  "cifar10-resnet20-k5|--depth 20 --kernel 5"
+  "cifar10-resnet44|--depth 44"
+  "cifar10-resnet20-w32|--depth 20 --width 32"
+  "cifar10-resnet56|--depth 56"
+  "cifar10-resnet56-exits|--depth 56 --exits 1,2 --exit-weights 1,0.75,0.5"
+  "cifar10-resnet110-exits|--depth 110 --exits 1,2 --exit-weights 1,0.75,0.5"
+)
+for entry in "${zoo[@]}"; do
+  name="${entry%%|*}"
+  args="${entry#*|}"
+  if [ "$#" -gt 0 ] && [[ " $* " != *" $name "* ]]; then continue; fi
+  model="models/$name.safetensors"
+  if [ -e "$model" ]; then echo "train_zoo: $model exists, skipped"; continue; fi
+  # shellcheck disable=SC2086  # the arguments are words
+  /usr/bin/python3 tools/train_cifar_qat.py --data "$data" $args --epochs 40 --lr 0.1 \
+    --threads "$threads" --checkpoint-dir "models/checkpoints/$name" --out "$model"
+  rm -f "models/checkpoints/$name/checkpoint.pt"
+done
