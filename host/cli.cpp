@@ -11,11 +11,13 @@
 #include <sstream>
 
 #include <CLI/CLI.hpp>
+#include <nlohmann/json.hpp>
 
 #include "host/cim_cpu.h"
 #include "host/errors.h"
 #include "host/exit_policy.h"
 #include "host/model_file.h"
+#include "host/provenance_text.h"
 #include "host/results.h"
 #include "host/slurm.h"
 #include "host/sweep.h"
@@ -194,8 +196,14 @@ void emit_table(const std::vector<TrialRecord>& records, const RunOptions& o) {
   }
 }
 
-int run_info(const std::string& path) {
+int run_info(const std::string& path, const std::string& format) {
+  if (format != "text" && format != "json")
+    throw UserError("unknown --format '" + format + "': use text or json");
   const LoadedModel model = load_model(path);
+  if (format == "json") {  // the metadata as stored: every value the raw JSON string
+    std::cout << nlohmann::json(model.metadata).dump(2) << "\n";
+    return 0;
+  }
   const ResNet& net = *model.network;
   std::cout << "model:       " << path << "\n";
   std::cout << "network:     " << net.arch().describe() << "\n";
@@ -204,9 +212,7 @@ int run_info(const std::string& path) {
   int64_t total_macs = 0;
   for (int64_t m : macs) total_macs += m;
   std::cout << "MACs/image:  " << total_macs << " (CIM layers)\n";
-  for (const auto& [key, value] : model.metadata)
-    if (key != "cimsweep.arch" && key != "cimsweep.input_ranges")
-      std::cout << key << ": " << value << "\n";
+  print_metadata_text(model.metadata, std::cout);
   // Crossbar usage under the default CIM model: sub-arrays of R rows, one column per output and
   // cell slice, plus a reference column per sub-array and slice.
   const CimConfig defaults;
@@ -261,7 +267,10 @@ int run_cli(int argc, char** argv) {
   std::string info_model;
   CLI::App* info =
       app.add_subcommand("info", "print a model's architecture, parameters and crossbar usage");
+  std::string info_format = "text";
   info->add_option("model", info_model, "model file (.safetensors)")->required();
+  info->add_option("--format", info_format,
+                   "text (readable lines, default) or json (the metadata as stored)");
 
   RunOptions eval_options;
   std::string eval_model;
@@ -307,7 +316,7 @@ int run_cli(int argc, char** argv) {
     } catch (const CLI::ParseError& e) {
       return app.exit(e);
     }
-    if (info->parsed()) return run_info(info_model);
+    if (info->parsed()) return run_info(info_model, info_format);
     if (slurm->parsed()) return run_slurm(slurm_options, std::cout);
     if (merge->parsed()) return run_merge(merge_inputs, merge_options);
     if (train_command.parsed()) return train_command.run(argc, argv);

@@ -11,6 +11,7 @@
 
 #include <nlohmann/json.hpp>
 
+#include "host/safetensors.h"
 #include "tests/test_util.h"
 
 namespace {
@@ -188,6 +189,48 @@ TEST(CliInfo, PrintsArchitectureParametersAndCrossbarUsage) {
   EXPECT_NE(r.out.find("ResNet-8"), std::string::npos);
   EXPECT_NE(r.out.find("parameters:  8082"), std::string::npos) << r.out;
   EXPECT_NE(r.out.find("| 13 | fc |"), std::string::npos) << r.out;
+}
+
+TEST(CliInfo, ShowsProvenanceAsReadableLinesAndRawJsonOnRequest) {
+  TempDir dir;
+  cimsweep::SafetensorsFile file = cimsweep::read_safetensors(kModel);
+  const nlohmann::json provenance = {
+      {"trained_by", "tools/train_cifar_qat.py"},
+      {"command", "python3 tools/train_cifar_qat.py --depth 8"},
+      {"data", "tiny test images"},
+      {"epochs", 2},
+      {"exit_float_test_accuracy", {0.5, 0.625, 0.75}},
+      {"exit_quantised_digital_test_accuracy", {0.5, 0.6, 0.7425}},
+      {"quantised_digital", "8-bit, sigma 0"},
+      {"history", {{{"epoch", 1}, {"loss", 1.25}}, {{"epoch", 2}, {"loss", 0.875}}}},
+      {"wall_seconds", 3725},
+      {"machine", "test CPU"},
+      {"settings", {{"gamma", 0.5}}}};
+  file.metadata["cimsweep.provenance"] = provenance.dump();
+  const std::string path = dir.file("with-provenance.safetensors");
+  cimsweep::write_safetensors(path, file.tensors, file.metadata);
+
+  const auto text = run_cimsweep("info " + path);
+  ASSERT_EQ(text.exit_code, 0) << text.err;
+  for (const char* expected :
+       {"provenance:\n", "  made by:             tools/train_cifar_qat.py\n",
+        "  command:             python3 tools/train_cifar_qat.py --depth 8\n",
+        "  float test acc:      50.00 % / 62.50 % / 75.00 % (exits, final last)\n",
+        "  quantised test acc:  50.00 % / 60.00 % / 74.25 % (8-bit, sigma 0)\n",
+        "  history:             2 entries; last: epoch 2, loss 0.875\n",
+        "  wall time:           1 h 02 min on test CPU\n", "  settings.gamma:      0.5\n"})
+    EXPECT_NE(text.out.find(expected), std::string::npos) << expected << " not in\n" << text.out;
+  EXPECT_EQ(text.out.find("{\"trained_by\""), std::string::npos) << "raw JSON in the text form";
+
+  const auto raw = run_cimsweep("info " + path + " --format json");
+  ASSERT_EQ(raw.exit_code, 0) << raw.err;
+  const auto metadata = nlohmann::json::parse(raw.out);
+  EXPECT_EQ(nlohmann::json::parse(metadata.at("cimsweep.provenance").get<std::string>()),
+            provenance);
+
+  const auto bad = run_cimsweep("info " + path + " --format yaml");
+  EXPECT_EQ(bad.exit_code, 2);
+  EXPECT_EQ(split_lines(bad.err).size(), 1u) << bad.err;
 }
 
 }  // namespace

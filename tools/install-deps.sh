@@ -15,12 +15,16 @@ packages=(
 )
 # Optional: --with-slurm adds a Slurm controller, node daemon and munge, which the integration
 # test tests/slurm/run_slurm_test.sh starts as a one-node cluster (it is skipped without them).
+# --with-python adds Debian's PyTorch, numpy and matplotlib for /usr/bin/python3: the tools/ scripts
+# (training the model zoo, golden values) and the tests that check them against cimsweep.
 # --with-fuzz adds clang with its sanitizer/libFuzzer runtimes and OpenMP (presets asan, fuzz; CI).
 for arg in "$@"; do
   case "$arg" in
     --with-slurm) packages+=(slurm-wlm munge) ;;
     --with-fuzz) packages+=(clang libclang-rt-dev libomp-dev) ;;
-    *) echo "install-deps: unknown option '$arg' (known: --with-slurm, --with-fuzz)" >&2; exit 2 ;;
+    --with-python) packages+=(python3-torch python3-numpy python3-matplotlib) ;;
+    *) echo "install-deps: unknown option '$arg' (known: --with-slurm, --with-fuzz, --with-python)" >&2
+       exit 2 ;;
   esac
 done
 
