@@ -2,7 +2,10 @@
 #include <gtest/gtest.h>
 #include <omp.h>
 
+#include <algorithm>
 #include <cmath>
+#include <cstdio>
+#include <utility>
 #include <random>
 #include <vector>
 
@@ -120,3 +123,91 @@ TEST(Noise, SameOutputsForBatchSizes1And7And500) {
 }
 
 }  // namespace
+
+// Known answers: Random123's published Philox4x32-10 vectors (its kat_vectors file), through the
+// library directly and through cimsweep's (seed, trial) key and (cell group, layer, stream, read)
+// counter layout.
+TEST(NoiseKnownAnswers, Philox4x32x10PublishedVectors) {
+  typedef r123::Philox4x32 Rng;
+  struct Vector {
+    Rng::ctr_type counter;
+    Rng::key_type key;
+    uint32_t expected[4];
+  };
+  const Vector vectors[] = {
+      {{{0u, 0u, 0u, 0u}}, {{0u, 0u}}, {0x6627e8d5u, 0xe169c58du, 0xbc57ac4cu, 0x9b00dbd8u}},
+      {{{0xffffffffu, 0xffffffffu, 0xffffffffu, 0xffffffffu}},
+       {{0xffffffffu, 0xffffffffu}},
+       {0x408f276du, 0x41c83b0eu, 0xa20bc7c6u, 0x6d5451fdu}},
+      {{{0x243f6a88u, 0x85a308d3u, 0x13198a2eu, 0x03707344u}},
+       {{0xa4093822u, 0x299f31d0u}},
+       {0xd16cfe09u, 0x94fdccebu, 0x5001e420u, 0x24126ea1u}},
+  };
+  Rng rng;
+  for (const Vector& v : vectors) {
+    const Rng::ctr_type out = rng(v.counter, v.key);
+    for (int i = 0; i < 4; ++i) EXPECT_EQ(out.v[i], v.expected[i]) << "word " << i;
+  }
+}
+
+// z = Φ⁻¹((u + 1/2)/2^32) of the published words, with cimsweep's key and counter layout: the
+// π vector is key (seed 0xa4093822, trial 0x299f31d0), cell group 0x85a308d3'243f6a88, layer
+// 0x198a2e of stream 0x13, read 0x03707344. Expected values: Φ⁻¹ of the exact p in 50-digit
+// arithmetic (mpmath), rounded to float; the float of AS241's double may differ by one ulp only
+// where the double lies within 1e-16 of a float rounding boundary.
+TEST(NoiseKnownAnswers, NormalsOfPublishedPhiloxWordsThroughCimsweepsCounterLayout) {
+  struct Case {
+    cim::NoiseKey key;
+    uint64_t group;
+    uint32_t layer, stream, read;
+    double expected[4];
+  };
+  const Case cases[] = {
+      {{0u, 0u}, 0, 0, 0, 0,
+       {-0.2558159704329814986859, 1.177591239172135125955, 0.6301836563560434756722,
+        0.2675622493905200040588}},
+      {{0xa4093822u, 0x299f31d0u}, 0x85a308d3243f6a88ull, 0x198a2eu, 0x13u, 0x03707344u,
+       {0.9080319946588681841209, 0.20700670206569231312, -0.4886949036015515202291,
+        -1.076256618021674887957}},
+  };
+  for (const Case& c : cases) {
+    float z[4];
+    cim::normal4(c.key, c.layer, c.stream, c.group, c.read, z);
+    for (int i = 0; i < 4; ++i) {
+      const float expected = float(c.expected[i]);
+      EXPECT_LE(std::fabs(z[i] - expected),
+                std::nextafter(std::fabs(expected), INFINITY) - std::fabs(expected))
+          << "draw " << i << ": " << z[i] << " vs " << expected;
+    }
+  }
+}
+
+// AS241 against Φ⁻¹ in 50-digit arithmetic (mpmath: Newton on ncdf from the exact double p), in
+// all three of its branches (central |p − 1/2| ≤ 0.425, tail r ≤ 5, far tail r > 5). Measured
+// here: at most 3.7e-16 relative (p = 0.999999, 2 ulps); the bound leaves 2× margin. The far tail (p < 1.4e-11) is
+// never reached by a Philox draw, whose smallest p is 2^−33, but is part of the function.
+TEST(NoiseKnownAnswers, As241MatchesHighPrecisionQuantiles) {
+  const std::pair<double, double> quantiles[] = {
+      {0.5, 0.0},
+      {0.6, 0.253347103135799741325},
+      {0.9, 1.28155156554460059349},
+      {0.925, 1.43953147093845622906},
+      {0.075, -1.43953147093845593495},
+      {0.975, 1.9599639845400538556},
+      {0.01, -2.32634787404084109308},
+      {0.0001, -3.71901648545568055229},
+      {1e-06, -4.75342430882289895734},
+      {0.999999, 4.75342430881708776569},
+      {1e-15, -7.94134532617099677133},
+      {1e-300, -37.0470962993611992365},
+  };
+  double worst = 0;
+  for (const auto& [p, expected] : quantiles) {
+    const double z = cim::normal_quantile(p);
+    const double error = std::fabs(z - expected) / std::max(1.0, std::fabs(expected));
+    worst = std::max(worst, error);
+    EXPECT_LE(error, 7.5e-16) << "p = " << p << ": " << z << " vs " << expected;
+  }
+  std::printf("AS241 worst relative error over %zu quantiles: %.3g\n",
+              sizeof quantiles / sizeof quantiles[0], worst);
+}
