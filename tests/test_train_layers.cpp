@@ -271,11 +271,30 @@ TEST(QuantiseWeights, MaxAbsGivesTheDigitalLayersWeights) {
     for (float v : w) max_abs = std::max(max_abs, std::fabs(v));
     const double top = (1 << bits) - 1;
     for (size_t i = 0; i < w.size(); ++i) {
-      const int level = cim::weight_level(w[i] / max_abs, bits);
+      // cim-model §1 written out here (not cimsweep's cim::weight_level): D = round((2^b − 1)/2 ·
+      // (ŵ + 1)), ties to even, ŵ = w/s in float32.
+      const double level = std::nearbyint(top / 2.0 * (double(w[i] / max_abs) + 1.0));
       EXPECT_EQ(q[i], float(max_abs * (2.0 * level - top) / top));
       EXPECT_LE(std::fabs(q[i] - w[i]), max_abs / top * 1.0001);  // within half a level (2/top)
       EXPECT_EQ(pass[i], 1);
     }
+  }
+}
+
+// Hand-computed: s = 0.8, ŵ = −1, −0.375, 0, 0.125, 0.5625, 1 → (2^b − 1)/2·(ŵ + 1) = 0, 79.6875,
+// 127.5, 143.4375, 199.21875, 255 (8 bits; 127.5 rounds to the even 128) and 0, 4.6875, 7.5,
+// 8.4375, 11.71875, 15 (4 bits), so 2D − (2^b − 1) as listed.
+TEST(QuantiseWeights, MaxAbsHandComputedLevels) {
+  const std::vector<float> w{-0.8f, -0.3f, 0.0f, 0.1f, 0.45f, 0.8f};
+  std::vector<float> q(w.size());
+  std::vector<uint8_t> pass(w.size());
+  const std::vector<std::pair<int, std::vector<int>>> cases = {
+      {8, {-255, -95, 1, 31, 143, 255}}, {4, {-15, -5, 1, 1, 9, 15}}};
+  for (const auto& [bits, signed_levels] : cases) {
+    quantise_weights(w.data(), w.size(), 6, bits, WeightScaling::kMaxAbs, q.data(), pass.data());
+    const double top = (1 << bits) - 1;
+    for (size_t i = 0; i < w.size(); ++i)
+      EXPECT_EQ(q[i], float(double(0.8f) * signed_levels[i] / top)) << bits << " bits, w = " << w[i];
   }
 }
 
@@ -286,10 +305,11 @@ TEST(QuantiseWeights, WageClipsAndStopsTheGradientOutsideItsRange) {
   const double alpha = wage_alpha(fan_in, bits);
   EXPECT_EQ(alpha, 1.0);  // sqrt(6/144) = 0.204 > 1.5/128, so α = max(Shift(0.057), 1) = 1
   quantise_weights(w.data(), w.size(), fan_in, bits, WeightScaling::kWage, q.data(), pass.data());
-  for (size_t i = 0; i < w.size(); ++i) {
-    const int level = cim::weight_level(cim::wage_weight(w[i], alpha, bits), bits);
-    EXPECT_EQ(q[i], float((2.0 * level - 255.0) / 255.0 / alpha));
-  }
+  // By hand (α = 1): ŵ = round(128·clip(w, ±127/128))/128 = −127, −3, 0, 0, 6, 127 (/128); then
+  // D = round(127.5·(ŵ + 1)) = 1, 125, 128, 128, 133, 254, i.e. 2D − 255 as listed.
+  const int signed_levels[] = {-253, -5, 1, 1, 11, 253};
+  for (size_t i = 0; i < w.size(); ++i)
+    EXPECT_EQ(q[i], float(signed_levels[i] / 255.0 / alpha)) << "w = " << w[i];
   EXPECT_EQ(pass, (std::vector<uint8_t>{0, 1, 1, 1, 1, 0}));
 }
 
