@@ -55,6 +55,26 @@ nlohmann::json CimConfig::to_json() const {
   return j;
 }
 
+std::string CimConfig::describe() const {
+  std::string onoff = std::isinf(onoff_ratio) ? "inf" : nlohmann::json(onoff_ratio).dump();
+  std::string text = std::to_string(weight_bits) + "-bit weights (" + to_string(scaling) + ") on " +
+                     std::to_string(cell_bits) + "-bit cells, " + std::to_string(input_bits) +
+                     "-bit inputs, " + std::to_string(subarray_rows) + "-row sub-arrays (" +
+                     to_string(mapping) + "), on/off " + onoff + ", " +
+                     (adc == AdcMode::kIdeal ? std::string("ideal")
+                                             : std::to_string(adc_bits) + "-bit " + to_string(adc)) +
+                     " ADC, batch " + std::to_string(batch_size) + ", " + to_string(variation) +
+                     " variation" + (clamp_at_zero ? " clamped at 0" : "") +
+                     (reference_variation ? " incl. reference cells" : "") + ", seed " +
+                     std::to_string(seed);
+  if (!digital_layers.empty()) {
+    text += ", digital:";
+    for (const std::string& layer : digital_layers) text += " " + layer;
+  }
+  if (neurosim_scale) text += ", NeuroSim scale";
+  return text;
+}
+
 std::string to_string(WeightScaling v) {
   return v == WeightScaling::kMaxAbs ? "maxabs" : "wage";
 }

@@ -38,6 +38,8 @@ struct CimConfig {
   void validate() const;
   // Every field: the identity of a results file's configuration (σ is per trial, not here).
   nlohmann::json to_json() const;
+  // The settings in words for captions, e.g. "8-bit weights on 4-bit cells, 8-bit inputs, …".
+  std::string describe() const;
 };
 
 std::string to_string(WeightScaling v);

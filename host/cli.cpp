@@ -3,6 +3,7 @@
 #include <omp.h>
 
 #include <algorithm>
+#include <cmath>
 #include <cstdio>
 #include <filesystem>
 #include <tuple>
@@ -17,6 +18,7 @@
 #include "host/errors.h"
 #include "host/exit_policy.h"
 #include "host/model_file.h"
+#include "host/plot_command.h"
 #include "host/provenance_text.h"
 #include "host/results.h"
 #include "host/slurm.h"
@@ -37,6 +39,8 @@ struct RunOptions {
   static constexpr int kNotGiven = std::numeric_limits<int>::min();
   long long limit = kNotGiven;
   int trials = kNotGiven, first_trial = kNotGiven, threads = 0, device = 0;
+  double ci_width = NAN;  // NaN: not given
+  int min_trials = kNotGiven, max_trials = kNotGiven;
   bool resume = false, quiet = false, no_clean = false, policy_on_cim = false;
   ExitPolicyOptions exit_policy;  // --exit-policy and its calibration, --entropy-grid
 };
@@ -49,6 +53,12 @@ void add_run_options(CLI::App* cmd, RunOptions& o) {
   cmd->add_option("--limit", o.limit, "class-balanced subset of N images (default all)");
   cmd->add_option("--trials", o.trials, "Monte-Carlo chips per σ (default 1)");
   cmd->add_option("--first-trial", o.first_trial, "number of the first trial (default 0)");
+  cmd->add_option("--ci-width", o.ci_width,
+                  "instead of --trials: run chips in rounds until every cell's 95 % interval is "
+                  "at most ±W points (or --max-trials)");
+  cmd->add_option("--min-trials", o.min_trials, "--ci-width: chips of the first round (default 10)");
+  cmd->add_option("--max-trials", o.max_trials, "--ci-width: at most this many chips per cell "
+                  "(default 5000); the table marks cells that stopped there");
   cmd->add_option("--results", o.results, "append every trial to this JSON Lines file");
   cmd->add_flag("--resume", o.resume, "continue the --results file, skipping finished trials");
   cmd->add_option("--format", o.format, "table format: md, csv or json (default md)");
@@ -142,6 +152,20 @@ void apply_run_options(const RunOptions& o, SweepPlan& plan) {
     plan.limit = size_t(o.limit);
   }
   if (o.trials != RunOptions::kNotGiven) plan.trials = o.trials;  // validate_plan: at least 1
+  if (!std::isnan(o.ci_width)) {
+    if (o.trials != RunOptions::kNotGiven)
+      throw UserError("--trials and --ci-width both given: --ci-width decides the number of "
+                      "chips (bounded by --min-trials and --max-trials); leave one out");
+    if (!(o.ci_width > 0))
+      throw UserError("--ci-width must be a half-width in points > 0, e.g. --ci-width 1");
+    plan.ci_width = o.ci_width;
+  }
+  if ((o.min_trials != RunOptions::kNotGiven || o.max_trials != RunOptions::kNotGiven) &&
+      !plan.adaptive())
+    throw UserError("--min-trials and --max-trials bound --ci-width: give --ci-width W too (or "
+                    "--trials T for a fixed number of chips)");
+  if (o.min_trials != RunOptions::kNotGiven) plan.min_trials = o.min_trials;
+  if (o.max_trials != RunOptions::kNotGiven) plan.max_trials = o.max_trials;
   if (o.first_trial != RunOptions::kNotGiven) plan.first_trial = o.first_trial;  // and ≥ 0
   if (o.no_clean) plan.clean_reference = false;
   if (o.threads < 0) throw UserError("--threads must be at least 1 (or leave it out: all cores)");
@@ -184,9 +208,12 @@ void announce_backend(const std::vector<BackendResolution>& workers) {
   }
 }
 
-void emit_table(const std::vector<TrialRecord>& records, const RunOptions& o) {
-  const std::string table =
-      add_frontier(format_table(aggregate(records), o.format), records, o.format);
+// ci_width > 0: the table marks the cells that stopped at max_trials above the target.
+void emit_table(const std::vector<TrialRecord>& records, const RunOptions& o, double ci_width = 0,
+                int max_trials = 0) {
+  std::vector<TableRow> rows = aggregate(records);
+  if (ci_width > 0) mark_stopping_rule(rows, ci_width, max_trials);
+  const std::string table = add_frontier(format_table(rows, o.format), records, o.format);
   if (o.output.empty()) {
     std::cout << table;
     if (!table.empty() && table.back() != '\n') std::cout << '\n';
@@ -249,9 +276,15 @@ int run_merge(std::vector<std::string> inputs, const RunOptions& o) {
   if (!o.results.empty() && std::filesystem::exists(o.results) &&
       std::find(inputs.begin(), inputs.end(), o.results) == inputs.end())
     inputs.insert(inputs.begin(), o.results);
+  if (!std::isnan(o.ci_width) && !(o.ci_width > 0))
+    throw UserError("--ci-width must be a half-width in points > 0, e.g. --ci-width 1");
+  if (o.max_trials != RunOptions::kNotGiven && std::isnan(o.ci_width))
+    throw UserError("--max-trials marks the cells of a --ci-width sweep: give --ci-width W too");
   const std::vector<TrialRecord> records = merge_results(inputs);
   if (!o.results.empty()) write_results_file(o.results, records);
-  emit_table(records, o);
+  const SweepPlan defaults;
+  emit_table(records, o, std::isnan(o.ci_width) ? 0 : o.ci_width,
+             o.max_trials != RunOptions::kNotGiven ? o.max_trials : defaults.max_trials);
   return 0;
 }
 
@@ -303,9 +336,16 @@ int run_cli(int argc, char** argv) {
   merge->add_option("--format", merge_options.format, "table format: md, csv or json (default md)");
   merge->add_option("--output", merge_options.output,
                     "write the table to this file (atomically) instead of stdout");
+  merge->add_option("--ci-width", merge_options.ci_width,
+                    "the shards ran with --ci-width W: mark the cells that stopped at the cap");
+  merge->add_option("--max-trials", merge_options.max_trials,
+                    "with --ci-width: the shards' --max-trials (default 5000)");
 
   SlurmOptions slurm_options;
   CLI::App* slurm = add_slurm_subcommand(app, slurm_options);
+
+  PlotOptions plot_options;
+  CLI::App* plot = setup_plot(app, plot_options);
 
   train::TrainCommand train_command(app);
   train::BlockDropCommand blockdrop_command(app);
@@ -319,6 +359,7 @@ int run_cli(int argc, char** argv) {
     if (info->parsed()) return run_info(info_model, info_format);
     if (slurm->parsed()) return run_slurm(slurm_options, std::cout);
     if (merge->parsed()) return run_merge(merge_inputs, merge_options);
+    if (plot->parsed()) return run_plot(plot_options);
     if (train_command.parsed()) return train_command.run(argc, argv);
     if (blockdrop_command.parsed()) return blockdrop_command.run(argc, argv);
 
@@ -351,7 +392,7 @@ int run_cli(int argc, char** argv) {
     options.exit_policy = o.exit_policy;
     options.policy_on_cim = o.policy_on_cim;
     const std::vector<TrialRecord> records = run_sweep(plan, options);
-    emit_table(records, o);
+    emit_table(records, o, plan.ci_width, plan.max_trials);
     return 0;
   } catch (const UserError& e) {
     std::fprintf(stderr, "cimsweep: error: %s\n", e.what());

@@ -147,7 +147,9 @@ TrialRecord TrialRunner::classify_all(double sigma, int trial, const BatchCallba
     for (uint64_t c : exit_correct)
       record.exit_accuracy.push_back(100.0 * double(c) / double(total));
   record.seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
-  record.extra = {{"backend", backend_->name()}};
+  // What a figure's caption says about the run (host/plot_command.cpp); not part of the identity.
+  record.extra = {
+      {"backend", backend_->name()}, {"data", data_.description}, {"cim", config_.describe()}};
   if (blockdrop_) record.extra["blockdrop"] = keep_statistics.to_json(blockdrop_->model());
   if (exit_policy_ && observations == &policy_observations)
     exit_policy_->apply(sigma, *observations, record);

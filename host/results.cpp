@@ -442,6 +442,31 @@ double mean_of(const std::vector<double>& values) {
 
 }  // namespace
 
+Summary accuracy_summary(const std::vector<double>& accuracies) {
+  Summary s = summarize(accuracies);
+  if (s.n < kMinIntervalTrials) {
+    s.ci_low = s.ci_high = NAN;
+  } else {
+    s.ci_low = std::max(0.0, s.ci_low);
+    s.ci_high = std::min(100.0, s.ci_high);
+  }
+  return s;
+}
+
+double interval_half_width(const Summary& s) {
+  if (s.n < kMinIntervalTrials) return NAN;
+  return student_t_quantile(0.975, int(s.n - 1)) * s.std / std::sqrt(double(s.n));
+}
+
+void mark_stopping_rule(std::vector<TableRow>& rows, double ci_width, int max_trials) {
+  for (TableRow& row : rows) {
+    row.target_half_width = ci_width;
+    const double half_width = interval_half_width(row.accuracy);
+    row.hit_trial_cap = row.accuracy.n >= size_t(max_trials) &&
+                        !(half_width <= ci_width);  // NaN (too few chips) counts as too wide
+  }
+}
+
 std::vector<TableRow> aggregate(const std::vector<TrialRecord>& records) {
   struct Group {
     size_t model_index;
@@ -502,9 +527,9 @@ std::vector<TableRow> aggregate(const std::vector<TrialRecord>& records) {
     TableRow row;
     row.model = models[group.model_index];
     row.sigma = group.sigma;
-    row.accuracy = summarize(group.accuracy);
+    row.accuracy = accuracy_summary(group.accuracy);
     for (const std::vector<double>& values : group.exit_accuracy) {
-      row.exit_accuracy.push_back(summarize(values));
+      row.exit_accuracy.push_back(accuracy_summary(values));
     }
     auto clean = clean_accuracy.find(row.model);
     if (clean != clean_accuracy.end()) row.clean_accuracy = clean->second;
@@ -531,6 +556,11 @@ namespace {
 bool any_blockdrop(const std::vector<TableRow>& rows) {
   return std::any_of(rows.begin(), rows.end(),
                      [](const TableRow& row) { return !std::isnan(row.blocks_kept); });
+}
+
+bool any_stopping_rule(const std::vector<TableRow>& rows) {
+  return std::any_of(rows.begin(), rows.end(),
+                     [](const TableRow& row) { return !std::isnan(row.target_half_width); });
 }
 
 bool any_exit_policy(const std::vector<TableRow>& rows) {
@@ -582,8 +612,11 @@ std::string format_markdown(const std::vector<TableRow>& rows) {
   for (const TableRow& row : rows) {
     const Summary& s = row.accuracy;
     const std::string interval =
-        std::isnan(s.ci_low) ? "–" : two_decimals(s.ci_low) + " – " + two_decimals(s.ci_high);
-    out << "| " << markdown_cell(row.model) << " | " << round_trip(row.sigma) << " | " << s.n
+        !std::isnan(s.ci_low) ? two_decimals(s.ci_low) + " – " + two_decimals(s.ci_high)
+        : s.n > 0             ? "needs ≥ " + std::to_string(kMinIntervalTrials) + " chips"
+                              : "–";
+    const std::string trials = std::to_string(s.n) + (row.hit_trial_cap ? " (cap)" : "");
+    out << "| " << markdown_cell(row.model) << " | " << round_trip(row.sigma) << " | " << trials
         << " | " << two_decimals(s.mean) << " | " << two_decimals(s.std) << " | " << interval
         << " | " << two_decimals(s.min) << " | " << two_decimals(s.max) << " | "
         << two_decimals(row.clean_accuracy) << " |";
@@ -647,6 +680,8 @@ std::string format_csv(const std::vector<TableRow>& rows) {
   }
   const bool blockdrop = any_blockdrop(rows);
   if (blockdrop) out << ",blocks_kept,blocks_kept_std,keep_patterns,blockdrop_macs_per_image";
+  const bool stopping = any_stopping_rule(rows);
+  if (stopping) out << ",ci_target,hit_cap";
   out << "\n";
   for (const TableRow& row : rows) {
     out << csv_field(row.model) << "," << round_trip(row.sigma) << "," << row.accuracy.n;
@@ -670,6 +705,8 @@ std::string format_csv(const std::vector<TableRow>& rows) {
     if (blockdrop)
       out << "," << csv_number(row.blocks_kept) << "," << csv_number(row.blocks_kept_std) << ","
           << csv_number(row.keep_patterns) << "," << csv_number(row.blockdrop_macs);
+    if (stopping)
+      out << "," << csv_number(row.target_half_width) << "," << (row.hit_trial_cap ? "true" : "false");
     out << "\n";
   }
   return out.str();
@@ -718,6 +755,10 @@ std::string format_json(const std::vector<TableRow>& rows) {
       object["blockdrop_macs_per_image"] = std::isnan(row.blockdrop_macs)
                                                ? nlohmann::ordered_json(nullptr)
                                                : nlohmann::ordered_json(row.blockdrop_macs);
+    }
+    if (!std::isnan(row.target_half_width)) {
+      object["ci_target"] = row.target_half_width;
+      object["hit_cap"] = row.hit_trial_cap;
     }
     array.push_back(std::move(object));
   }

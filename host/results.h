@@ -86,8 +86,10 @@ void write_results_file(const std::string& path, const std::vector<TrialRecord>&
 struct TableRow {
   std::string model;
   double sigma = 0;
-  Summary accuracy;                    // over trials >= 0 of (model, sigma)
-  std::vector<Summary> exit_accuracy;  // per exit, if any
+  // Over trials >= 0 of (model, sigma), as accuracy_summary gives it: the interval inside
+  // [0, 100], none with fewer than kMinIntervalTrials chips.
+  Summary accuracy;
+  std::vector<Summary> exit_accuracy;  // per exit, if any, likewise
   double clean_accuracy = NAN;         // from the trial == -1 record of that model, if present
   // Exit policy (records with extra["exit_policy"]): its name, the mean of the trials' MACs per
   // image, and the share of images each exit answered over all trials.
@@ -99,7 +101,27 @@ struct TableRow {
   // the trials), and the CIM MACs per image.
   double blocks_kept = NAN, blocks_kept_std = NAN, keep_patterns = NAN;
   double blockdrop_macs = NAN;  // mean CIM MACs per image over the trials
+  // --ci-width sweeps (mark_stopping_rule): the target half-width in points, and whether the cell
+  // stopped at --max-trials with its interval still wider than that.
+  double target_half_width = NAN;
+  bool hit_trial_cap = false;
 };
+
+// Fewer chips than this give no interval: with 2 the t factor is 12.7 and the "interval" says only
+// that nothing is known yet.
+constexpr size_t kMinIntervalTrials = 3;
+
+// summarize() for accuracies in percent: the Student-t interval of the mean is clipped to
+// [0, 100], where every accuracy and so the mean lies, and left NaN below kMinIntervalTrials.
+Summary accuracy_summary(const std::vector<double>& accuracies);
+
+// Half-width of the unclipped 95 % Student-t interval of the mean (points): what --ci-width
+// compares with its target. NaN below kMinIntervalTrials.
+double interval_half_width(const Summary& summary);
+
+// Sets target_half_width and hit_trial_cap of every row of a --ci-width sweep: a row hit the cap
+// when it has max_trials chips (or more) and its half-width is still above ci_width.
+void mark_stopping_rule(std::vector<TableRow>& rows, double ci_width, int max_trials);
 
 // Groups records by (model, sigma) in first-appearance order of models, then ascending sigma.
 // Clean reference records (trial -1) only provide clean_accuracy; they make no row themselves.

@@ -1,7 +1,5 @@
 #include "host/slurm.h"
 
-#include <poll.h>
-#include <sys/wait.h>
 #include <unistd.h>
 
 #include <algorithm>
@@ -19,6 +17,7 @@
 
 #include "host/errors.h"
 #include "host/results.h"
+#include "host/run_command.h"
 #include "host/sweep.h"
 #include "host/sweep_spec.h"
 
@@ -105,9 +104,13 @@ std::vector<double> parse_sigmas(const std::string& text) {
   return sigmas;
 }
 
+std::string round_trip_number(double value) {
+  return nlohmann::json(value).dump();
+}
+
 // The sweep a task will run, checked here on the login node so that a typo fails once now rather
 // than in every array task later.
-std::string check_sweep(const SlurmOptions& o) {
+SweepPlan check_sweep(const SlurmOptions& o) {
   if (!fs::is_regular_file(o.spec_path))
     throw UserError("sweep file '" + o.spec_path +
                     "' does not exist: give a sweep file, e.g. sweeps/fmnist-quick.toml");
@@ -120,6 +123,15 @@ std::string check_sweep(const SlurmOptions& o) {
   if (o.no_clean) plan.clean_reference = false;
   if (!o.sigmas.empty()) plan.sigmas = parse_sigmas(o.sigmas);
   if (o.trials == 0) throw UserError("--trials must be at least 1");
+  if (o.ci_width < 0) throw UserError("--ci-width must be a half-width in points > 0");
+  if (o.ci_width > 0 && o.trials >= 0)
+    throw UserError("--trials and --ci-width both given: --ci-width decides the number of chips; "
+                    "leave one out");
+  if (o.ci_width > 0) plan.ci_width = o.ci_width;
+  if ((o.min_trials >= 0 || o.max_trials >= 0) && !plan.adaptive())
+    throw UserError("--min-trials and --max-trials bound --ci-width: give --ci-width W too");
+  if (o.min_trials >= 0) plan.min_trials = o.min_trials;
+  if (o.max_trials >= 0) plan.max_trials = o.max_trials;
   if (o.threads < 0) throw UserError("--threads must be at least 1 (or leave it out: all cores)");
   if (!o.backend.empty() && o.backend != "auto" && o.backend != "cpu" && o.backend != "cuda")
     throw UserError("unknown --backend '" + o.backend + "': use auto, cpu or cuda");
@@ -133,7 +145,7 @@ std::string check_sweep(const SlurmOptions& o) {
   if (!fs::exists(data))
     throw UserError("data set '" + data +
                     "' does not exist: give --data or data = \"…\" in the sweep file");
-  return plan.name;
+  return plan;
 }
 
 std::string sbatch_header(const SlurmJob& job, const std::string& job_name,
@@ -164,85 +176,6 @@ std::string sbatch_header(const SlurmJob& job, const std::string& job_name,
   }
   for (const std::string& extra : o.extra_sbatch) s << "#SBATCH " << extra << "\n";
   return s.str();
-}
-
-struct CommandOutput {
-  int exit_code = -1;
-  std::string out, err;
-};
-
-// Whether `program` names an executable file, directly or through PATH.
-bool is_runnable(const std::string& program) {
-  if (program.find('/') != std::string::npos) return ::access(program.c_str(), X_OK) == 0;
-  const char* path = std::getenv("PATH");
-  std::stringstream dirs(path ? path : "");
-  for (std::string dir; std::getline(dirs, dir, ':');) {
-    const std::string candidate = (dir.empty() ? "." : dir) + "/" + program;
-    if (::access(candidate.c_str(), X_OK) == 0 && fs::is_regular_file(candidate)) return true;
-  }
-  return false;
-}
-
-// Runs argv[0] (looked up in PATH) and collects its stdout and stderr.
-CommandOutput run_command(const std::vector<std::string>& argv) {
-  int out_pipe[2], err_pipe[2];
-  if (::pipe(out_pipe) != 0)
-    throw UserError(std::string("cannot run ") + argv[0] + ": pipe failed");
-  if (::pipe(err_pipe) != 0) {
-    ::close(out_pipe[0]);
-    ::close(out_pipe[1]);
-    throw UserError(std::string("cannot run ") + argv[0] + ": pipe failed");
-  }
-  const pid_t pid = ::fork();
-  if (pid < 0) throw UserError("cannot run " + argv[0] + ": fork failed: " + std::strerror(errno));
-  if (pid == 0) {
-    ::dup2(out_pipe[1], STDOUT_FILENO);
-    ::dup2(err_pipe[1], STDERR_FILENO);
-    ::close(out_pipe[0]);
-    ::close(err_pipe[0]);
-    ::close(out_pipe[1]);
-    ::close(err_pipe[1]);
-    std::vector<char*> args;
-    for (const std::string& a : argv) args.push_back(const_cast<char*>(a.c_str()));
-    args.push_back(nullptr);
-    ::execvp(args[0], args.data());
-    const std::string message = "cannot execute " + argv[0] + ": " + std::strerror(errno) + "\n";
-    [[maybe_unused]] ssize_t ignored = ::write(STDERR_FILENO, message.data(), message.size());
-    ::_exit(127);
-  }
-  ::close(out_pipe[1]);
-  ::close(err_pipe[1]);
-  CommandOutput result;
-  // Both pipes are drained together: a child that fills one while we block on the other would
-  // never exit.
-  pollfd fds[2] = {{out_pipe[0], POLLIN, 0}, {err_pipe[0], POLLIN, 0}};
-  std::string* sinks[2] = {&result.out, &result.err};
-  int open_pipes = 2;
-  while (open_pipes > 0) {
-    if (::poll(fds, 2, -1) < 0) {
-      if (errno == EINTR) continue;
-      break;
-    }
-    for (int i = 0; i < 2; ++i) {
-      if (fds[i].fd < 0 || !(fds[i].revents & (POLLIN | POLLHUP | POLLERR))) continue;
-      char buffer[4096];
-      const ssize_t n = ::read(fds[i].fd, buffer, sizeof buffer);
-      if (n > 0) {
-        sinks[i]->append(buffer, size_t(n));
-      } else if (n == 0 || errno != EINTR) {
-        ::close(fds[i].fd);
-        fds[i].fd = -1;
-        --open_pipes;
-      }
-    }
-  }
-  for (const pollfd& f : fds)
-    if (f.fd >= 0) ::close(f.fd);
-  int status = 0;
-  while (::waitpid(pid, &status, 0) < 0 && errno == EINTR) {
-  }
-  result.exit_code = WIFEXITED(status) ? WEXITSTATUS(status) : 128 + WTERMSIG(status);
-  return result;
 }
 
 std::string first_line(const std::string& text) {
@@ -316,6 +249,11 @@ CLI::App* add_slurm_subcommand(CLI::App& app, SlurmOptions& o) {
   cmd->add_option("--limit", o.limit, "passed to every task's sweep");
   cmd->add_option("--trials", o.trials, "passed to every task's sweep");
   cmd->add_option("--first-trial", o.first_trial, "passed to every task's sweep");
+  cmd->add_option("--ci-width", o.ci_width,
+                  "passed to every task's sweep (shards then take whole cells); the merge marks "
+                  "the cells that hit --max-trials");
+  cmd->add_option("--min-trials", o.min_trials, "passed to every task's sweep");
+  cmd->add_option("--max-trials", o.max_trials, "passed to every task's sweep");
   cmd->add_flag("--no-clean", o.no_clean, "passed to every task's sweep");
   cmd->add_option("--threads", o.threads,
                   "threads per task (default: --cpus-per-task, else all cores of the node)");
@@ -428,7 +366,12 @@ SlurmJob plan_slurm_job(const SlurmOptions& options) {
 
   o.spec_path = absolute_path(o.spec_path);
   if (!o.data.empty()) o.data = absolute_path(o.data);
-  job.name = job_name_from(check_sweep(o));
+  const SweepPlan plan = check_sweep(o);
+  job.name = job_name_from(plan.name);
+  if (plan.adaptive()) {
+    job.ci_width = plan.ci_width;
+    job.max_trials = plan.max_trials;
+  }
 
   o.results_dir = absolute_path(o.results_dir);
   require_sbatch_safe_path(o.results_dir, "--results-dir");
@@ -506,6 +449,9 @@ std::string array_script(const SlurmJob& job) {
   if (o.limit >= 0) pass.insert(pass.end(), {"--limit", std::to_string(o.limit)});
   if (o.trials >= 0) pass.insert(pass.end(), {"--trials", std::to_string(o.trials)});
   if (o.first_trial >= 0) pass.insert(pass.end(), {"--first-trial", std::to_string(o.first_trial)});
+  if (o.ci_width > 0) pass.insert(pass.end(), {"--ci-width", round_trip_number(o.ci_width)});
+  if (o.min_trials >= 0) pass.insert(pass.end(), {"--min-trials", std::to_string(o.min_trials)});
+  if (o.max_trials >= 0) pass.insert(pass.end(), {"--max-trials", std::to_string(o.max_trials)});
   if (o.no_clean) pass.push_back("--no-clean");
   if (o.threads > 0) pass.insert(pass.end(), {"--threads", std::to_string(o.threads)});
   if (!o.backend.empty()) pass.insert(pass.end(), {"--backend", o.backend});
@@ -516,10 +462,13 @@ std::string array_script(const SlurmJob& job) {
 
 std::string merge_script(const SlurmJob& job) {
   const SlurmOptions& o = job.options;
+  const std::string rule = job.ci_width > 0 ? " --ci-width " + round_trip_number(job.ci_width) +
+                                                  " --max-trials " + std::to_string(job.max_trials)
+                                            : "";
   std::ostringstream s;
   s << "#!/bin/bash\n"
     << "# Written by `cimsweep slurm`: merges the array's shard-*.jsonl into merged.jsonl and\n"
-    << "# table.md. Submitted with --dependency=afterok:<array job>, it runs once every task\n"
+    << "# table.md, and draws figure.png. Submitted with --dependency=afterok:<array job>, it runs once every task\n"
     << "# succeeded; merging again is harmless (records are deduplicated).\n"
     << sbatch_header(job, "cimsweep-" + job.name + "-merge", "%x_%j.out", true) << "\n"
     << "set -euo pipefail\n"
@@ -530,8 +479,13 @@ std::string merge_script(const SlurmJob& job) {
     << "  echo \"cimsweep merge: no shard-*.jsonl in $results_dir: did the array job run?\" >&2\n"
     << "  exit 1\n"
     << "fi\n"
-    << "exec " << shell_quote(o.binary) << " merge \"${shards[@]}\" \\\n"
-    << "  --results \"$results_dir/merged.jsonl\" --output \"$results_dir/table.md\"\n";
+    << shell_quote(o.binary) << " merge \"${shards[@]}\" \\\n"
+    << "  --results \"$results_dir/merged.jsonl\" --output \"$results_dir/table.md\"" << rule
+    << "\n"
+    << "# The figure needs Python with matplotlib on the node; without it the table still stands.\n"
+    << shell_quote(o.binary) << " plot \"$results_dir/merged.jsonl\" -o \"$results_dir/figure.png\""
+    << rule << " ||\n"
+    << "  echo \"cimsweep merge: no figure.png (see the line above); table.md is complete\" >&2\n";
   return s.str();
 }
 
@@ -557,6 +511,9 @@ std::string resubmit_command(const SlurmJob& job, const std::string& tasks) {
   if (o.limit >= 0) add("--limit", std::to_string(o.limit));
   if (o.trials >= 0) add("--trials", std::to_string(o.trials));
   if (o.first_trial >= 0) add("--first-trial", std::to_string(o.first_trial));
+  if (o.ci_width > 0) add("--ci-width", round_trip_number(o.ci_width));
+  if (o.min_trials >= 0) add("--min-trials", std::to_string(o.min_trials));
+  if (o.max_trials >= 0) add("--max-trials", std::to_string(o.max_trials));
   if (o.no_clean) args.push_back("--no-clean");
   if (o.threads > 0) add("--threads", std::to_string(o.threads));
   add("--backend", o.backend);

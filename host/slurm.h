@@ -32,6 +32,8 @@ struct SlurmOptions {
   std::string data, split, sigmas, backend;
   long long limit = -1;
   int trials = -1, first_trial = -1, threads = 0;
+  double ci_width = 0;                    // --ci-width W: the tasks' stopping rule (0: none)
+  int min_trials = -1, max_trials = -1;
   bool no_clean = false;
 
   std::string binary;             // cimsweep the tasks run; empty: this process's /proc/self/exe
@@ -53,6 +55,9 @@ struct SlurmJob {
   SlurmOptions options;  // normalised: absolute paths, binary filled in
   std::string name;      // sweep name, sanitised for a job name
   std::string array_script_path, merge_script_path;
+  // The stopping rule the tasks run with (sweep file or options): the merge marks capped cells.
+  double ci_width = 0;
+  int max_trials = 0;
 };
 
 // Checks and normalises the options (absolute paths, sweep file readable, resources well formed)

@@ -4,6 +4,7 @@
 
 #include <algorithm>
 #include <atomic>
+#include <cmath>
 #include <cstdio>
 #include <exception>
 #include <filesystem>
@@ -103,9 +104,10 @@ std::vector<TrialRecord> run_sweep(const SweepPlan& plan, const SweepOptions& op
   options.exit_policy.validate();
   const bool calibrating = !options.exit_policy.policy.empty() &&
                            parse_exit_policy(options.exit_policy.policy).needs_calibration();
-  if (calibrating && plan.first_trial + int64_t(plan.trials) > int64_t(kCalibrationFirstTrial))
+  if (calibrating && plan.first_trial + plan.trial_count_cap() > int64_t(kCalibrationFirstTrial))
     throw UserError("evaluation trials must stay below " + std::to_string(kCalibrationFirstTrial) +
-                    ", where the calibration chips begin: lower --first-trial or --trials");
+                    ", where the calibration chips begin: lower --first-trial or --trials "
+                    "(--max-trials with --ci-width)");
   std::optional<CalibrationImages> calibration;
   const Dataset data =
       load_plan_data(plan, calibrating ? options.exit_policy.calibration_images : 0, calibration);
@@ -170,50 +172,28 @@ std::vector<TrialRecord> run_sweep(const SweepPlan& plan, const SweepOptions& op
     }
   }
 
-  // Work units in a fixed order: per model its clean reference, then σ-major, trial-minor. The
-  // shard is chosen by position in this order, so it is the same on every node.
+  // A work unit is one chip (or the clean reference, trial −1) of one model at one σ.
   struct Unit {
     size_t model;
     double sigma;
     int trial;
   };
-  std::vector<Unit> todo;
-  std::vector<std::optional<TrialRecord>> slots;  // per unit of this shard, in plan order
-  std::vector<size_t> todo_slot;
-  size_t position = 0;
-  for (size_t m = 0; m < models.size(); ++m) {
-    std::vector<Unit> units;
-    if (plan.clean_reference) units.push_back({m, 0.0, -1});
-    for (double sigma : plan.sigmas)
-      for (int t = plan.first_trial; t < plan.first_trial + plan.trials; ++t)
-        units.push_back({m, sigma, t});
-    for (const Unit& unit : units) {
-      if (int(position++ % size_t(options.shard_count)) != options.shard_index) continue;
-      TrialRecord key;
-      key.model = plan.models[m].label;
-      key.config_hash = runners[0][m]->config_hash();
-      key.sigma = unit.sigma;
-      key.trial = unit.trial;
-      slots.emplace_back();
-      if (auto done = finished.find(unit_key(key)); done != finished.end()) {
-        slots.back() = *done->second;
-      } else {
-        todo.push_back(unit);
-        todo_slot.push_back(slots.size() - 1);
-      }
-    }
-  }
+  auto unit_record_key = [&](const Unit& unit) {
+    TrialRecord key;
+    key.model = plan.models[unit.model].label;
+    key.config_hash = runners[0][unit.model]->config_hash();
+    key.sigma = unit.sigma;
+    key.trial = unit.trial;
+    return unit_key(key);
+  };
 
-  if (options.shard_count > 1 && slots.empty())
-    std::fprintf(stderr, "cimsweep: shard %d/%d has no work units (the sweep has %zu): nothing to do\n",
-                 options.shard_index, options.shard_count, position);
   if (options.on_start) options.on_start();
   // Calibration runs only for models with trials still to do (a finished --resume skips it), on
   // its own runner over the calibration images, never on the evaluation images.
-  for (size_t m = 0; m < models.size(); ++m) {
-    const bool needed =
-        std::any_of(todo.begin(), todo.end(), [m](const Unit& unit) { return unit.model == m; });
-    if (!policies[m] || !policies[m]->needs_calibration() || !needed) continue;
+  std::vector<bool> calibrated(models.size(), false);
+  auto calibrate_if_needed = [&](size_t m) {
+    if (calibrated[m] || !policies[m] || !policies[m]->needs_calibration()) return;
+    calibrated[m] = true;
     std::unique_ptr<TrialRunner> calibration_runner;
     policies[m]->calibrate(
         *calibration, [&](const CalibrationImages& images, double sigma, uint32_t trial) {
@@ -224,61 +204,179 @@ std::vector<TrialRecord> run_sweep(const SweepPlan& plan, const SweepOptions& op
           }
           return calibration_runner->observe_trial(sigma, trial);
         });
-  }
-  Progress progress(todo.size(), data.size(), options.show_progress, worker_count);
-  const int total_threads = omp_get_max_threads();
-  std::atomic<size_t> next{0};
-  std::mutex error_mutex;
-  std::exception_ptr first_error;
-  std::atomic<bool> failed{false};
-  auto work = [&](int w) {
-    try {
-      if (worker_count > 1) omp_set_num_threads(std::max(1, total_threads / worker_count));
-      runners[size_t(w)].resize(models.size());  // no-op for worker 0
-      for (size_t i = next++; i < todo.size() && !failed; i = next++) {
-        const Unit& unit = todo[i];
-        std::unique_ptr<TrialRunner>& runner_slot = runners[size_t(w)][unit.model];
-        if (!runner_slot) {
-          runner_slot =
-              std::make_unique<TrialRunner>(models[unit.model], data, plan.cim,
-                                            plan.models[unit.model].label, workers[size_t(w)]);
-          runner_slot->set_exit_policy(policies[unit.model]);
-          runner_slot->set_blockdrop(blockdrops[unit.model]);
-        }
-        TrialRunner& runner = *runner_slot;
-        const std::string what = plan.models[unit.model].label +
-                                 (unit.trial < 0 ? " clean"
-                                                 : " σ=" + sigma_text(unit.sigma) + " trial " +
-                                                       std::to_string(unit.trial));
-        progress.start_unit(w, what);
-        auto on_batch = [&](size_t done) { progress.images_done(w, done); };
-        TrialRecord record = unit.trial < 0 ? runner.run_clean(on_batch)
-                                            : runner.run_trial(unit.sigma, unit.trial, on_batch);
-        if (worker_count > 1) record.extra["worker"] = w;
-        if (log) log->append(record);
-        slots[todo_slot[i]] = std::move(record);
-        progress.unit_done(w);
-      }
-    } catch (...) {
-      std::lock_guard<std::mutex> lock(error_mutex);
-      if (!first_error) first_error = std::current_exception();
-      failed = true;
-    }
   };
-  if (worker_count == 1) {
-    work(0);
-  } else {
-    std::vector<std::thread> threads;
-    for (int w = 0; w < worker_count; ++w) threads.emplace_back(work, w);
-    for (std::thread& t : threads) t.join();
-  }
-  progress.finish();
-  if (first_error) std::rethrow_exception(first_error);
 
+  const int total_threads = omp_get_max_threads();
+  // The records of `units` (in their order): those of the results file reused, the others run
+  // by the workers, which take them from one queue, and appended as they finish.
+  auto run_units = [&](const std::vector<Unit>& units) {
+    std::vector<std::optional<TrialRecord>> slots(units.size());
+    std::vector<size_t> todo;  // indexes into units
+    for (size_t i = 0; i < units.size(); ++i) {
+      if (auto done = finished.find(unit_record_key(units[i])); done != finished.end()) {
+        slots[i] = *done->second;
+      } else {
+        todo.push_back(i);
+      }
+    }
+    for (size_t i : todo) calibrate_if_needed(units[i].model);
+    Progress progress(todo.size(), data.size(), options.show_progress, worker_count);
+    std::atomic<size_t> next{0};
+    std::mutex error_mutex;
+    std::exception_ptr first_error;
+    std::atomic<bool> failed{false};
+    auto work = [&](int w) {
+      try {
+        if (worker_count > 1) omp_set_num_threads(std::max(1, total_threads / worker_count));
+        runners[size_t(w)].resize(models.size());  // no-op for worker 0
+        for (size_t i = next++; i < todo.size() && !failed; i = next++) {
+          const Unit& unit = units[todo[i]];
+          std::unique_ptr<TrialRunner>& runner_slot = runners[size_t(w)][unit.model];
+          if (!runner_slot) {
+            runner_slot =
+                std::make_unique<TrialRunner>(models[unit.model], data, plan.cim,
+                                              plan.models[unit.model].label, workers[size_t(w)]);
+            runner_slot->set_exit_policy(policies[unit.model]);
+            runner_slot->set_blockdrop(blockdrops[unit.model]);
+          }
+          TrialRunner& runner = *runner_slot;
+          const std::string what = plan.models[unit.model].label +
+                                   (unit.trial < 0 ? " clean"
+                                                   : " σ=" + sigma_text(unit.sigma) + " trial " +
+                                                         std::to_string(unit.trial));
+          progress.start_unit(w, what);
+          auto on_batch = [&](size_t done) { progress.images_done(w, done); };
+          TrialRecord record = unit.trial < 0 ? runner.run_clean(on_batch)
+                                              : runner.run_trial(unit.sigma, unit.trial, on_batch);
+          if (worker_count > 1) record.extra["worker"] = w;
+          if (log) log->append(record);
+          slots[todo[i]] = std::move(record);
+          progress.unit_done(w);
+        }
+      } catch (...) {
+        std::lock_guard<std::mutex> lock(error_mutex);
+        if (!first_error) first_error = std::current_exception();
+        failed = true;
+      }
+    };
+    if (worker_count == 1) {
+      work(0);
+    } else {
+      std::vector<std::thread> threads;
+      for (int w = 0; w < worker_count; ++w) threads.emplace_back(work, w);
+      for (std::thread& t : threads) t.join();
+    }
+    progress.finish();
+    if (first_error) std::rethrow_exception(first_error);
+    std::vector<TrialRecord> records;
+    records.reserve(slots.size());
+    for (auto& slot : slots) records.push_back(std::move(*slot));
+    return records;
+  };
+
+  if (!plan.adaptive()) {
+    // Work units in a fixed order: per model its clean reference, then σ-major, trial-minor. The
+    // shard is chosen by position in this order, so it is the same on every node.
+    std::vector<Unit> units;
+    size_t position = 0;
+    for (size_t m = 0; m < models.size(); ++m) {
+      std::vector<Unit> model_units;
+      if (plan.clean_reference) model_units.push_back({m, 0.0, -1});
+      for (double sigma : plan.sigmas)
+        for (int t = plan.first_trial; t < plan.first_trial + plan.trials; ++t)
+          model_units.push_back({m, sigma, t});
+      for (const Unit& unit : model_units)
+        if (int(position++ % size_t(options.shard_count)) == options.shard_index)
+          units.push_back(unit);
+    }
+    if (options.shard_count > 1 && units.empty())
+      std::fprintf(stderr,
+                   "cimsweep: shard %d/%d has no work units (the sweep has %zu): nothing to do\n",
+                   options.shard_index, options.shard_count, position);
+    return run_units(units);
+  }
+
+  // The stopping rule (--ci-width). A cell is a model's clean reference or one (model, σ) with
+  // its chips first_trial, first_trial + 1, …; cells are numbered in plan order and cell c
+  // belongs to shard c mod N. Whether a cell needs another round depends on its own chips alone,
+  // and a round always runs whole, so a shard, a resumed run and the unsharded sweep reach the
+  // same stopping point with the same chips.
+  struct Cell {
+    size_t model;
+    double sigma;
+    bool clean;
+    int wanted;  // chips the cell needs so far (its next round ends there)
+    bool settled = false;
+    std::vector<TrialRecord> records;  // trial order
+  };
+  std::vector<Cell> cells;
+  size_t cell_number = 0;
+  for (size_t m = 0; m < models.size(); ++m) {
+    auto add = [&](double sigma, bool clean) {
+      if (int(cell_number++ % size_t(options.shard_count)) == options.shard_index)
+        cells.push_back({m, sigma, clean, clean ? 1 : plan.min_trials});
+    };
+    if (plan.clean_reference) add(0.0, true);
+    for (double sigma : plan.sigmas) add(sigma, false);
+  }
+  if (options.shard_count > 1 && cells.empty())
+    std::fprintf(stderr,
+                 "cimsweep: shard %d/%d has no cells (the sweep has %zu (model, σ) cells and "
+                 "clean references; with --ci-width shards take whole cells): nothing to do\n",
+                 options.shard_index, options.shard_count, cell_number);
+  for (;;) {
+    std::vector<Unit> round;
+    std::vector<size_t> owner;  // cell of each unit
+    for (size_t c = 0; c < cells.size(); ++c) {
+      Cell& cell = cells[c];
+      if (cell.settled) continue;
+      if (cell.clean) {
+        round.push_back({cell.model, 0.0, -1});
+        owner.push_back(c);
+        continue;
+      }
+      for (int k = int(cell.records.size()); k < cell.wanted; ++k) {
+        round.push_back({cell.model, cell.sigma, plan.first_trial + k});
+        owner.push_back(c);
+      }
+    }
+    if (round.empty()) break;
+    std::vector<TrialRecord> done = run_units(round);
+    for (size_t i = 0; i < done.size(); ++i) cells[owner[i]].records.push_back(std::move(done[i]));
+    for (Cell& cell : cells) {
+      if (cell.settled) continue;
+      if (cell.clean) {
+        cell.settled = true;
+        continue;
+      }
+      cell.wanted = next_round_size(cell.records, plan.ci_width, plan.min_trials, plan.max_trials);
+      cell.settled = cell.wanted <= int(cell.records.size());
+    }
+  }
   std::vector<TrialRecord> records;
-  records.reserve(slots.size());
-  for (auto& slot : slots) records.push_back(std::move(*slot));
+  for (Cell& cell : cells)
+    for (TrialRecord& record : cell.records) records.push_back(std::move(record));
   return records;
+}
+
+int next_round_size(const std::vector<TrialRecord>& chips, double ci_width, int min_trials,
+                    int max_trials) {
+  const int n = int(chips.size());
+  if (n < min_trials) return min_trials;
+  if (n >= max_trials) return n;
+  std::vector<double> accuracies;
+  for (const TrialRecord& chip : chips)
+    if (!std::isnan(chip.accuracy)) accuracies.push_back(chip.accuracy);
+  const double half_width = interval_half_width(summarize(accuracies));
+  if (half_width <= ci_width) return n;
+  // The half-width falls like 1/√n: aim at the n that reaches the target, 10 % beyond it, but at
+  // most double n in one round (a standard deviation from few chips can be far off) and at least
+  // add min_trials (rounds of one chip would keep every worker but one idle).
+  double aimed = std::isnan(half_width) ? 2.0 * n
+                                        : 1.1 * n * (half_width / ci_width) * (half_width / ci_width);
+  aimed = std::min(aimed, 2.0 * n);
+  const int64_t wanted = std::max<int64_t>(int64_t(n) + min_trials, int64_t(std::ceil(aimed)));
+  return int(std::min<int64_t>(wanted, max_trials));
 }
 
 }  // namespace cimsweep

@@ -17,7 +17,9 @@ struct SweepOptions {
   bool resume = false;        // reuse the trials already in results_path
   bool show_progress = true;  // progress line on a terminal
   // Deterministic share: work unit number u (in plan order, over all models) belongs to shard
-  // u mod shard_count. The union of all shards is the unsharded sweep, trial for trial.
+  // u mod shard_count; with the stopping rule (plan.ci_width) whole cells are shared out instead,
+  // cell c (clean references and (model, σ) cells in plan order) to shard c mod shard_count. The
+  // union of all shards is the unsharded sweep, trial for trial.
   int shard_index = 0, shard_count = 1;
   // One worker per entry, each with its own backend; they take work units from one queue.
   // Empty: one CPU worker. CPU workers share the OpenMP threads evenly.
@@ -36,6 +38,13 @@ struct SweepOptions {
 // Returns the records of this plan's configuration and shard (resumed and new), clean references
 // included, in plan order whatever order the workers finished in.
 std::vector<TrialRecord> run_sweep(const SweepPlan& plan, const SweepOptions& options);
+
+// The stopping rule of --ci-width for one cell, given its chips so far (trial order): how many
+// chips it needs in all. At most chips.size() (the cell is settled) once its 95 % half-width is at
+// most ci_width or it has max_trials chips; else the next round's end. A pure function of the
+// chips' accuracies, so every shard and every resumed run decides alike.
+int next_round_size(const std::vector<TrialRecord>& chips, double ci_width, int min_trials,
+                    int max_trials);
 
 // Where a plan without --data reads its images: Debian's Fashion-MNIST.
 std::string default_data_path();

@@ -1,12 +1,15 @@
 #include "host/sweep_spec.h"
 
 #include <cmath>
+#include <cstdint>
+#include <utility>
 #include <filesystem>
 #include <set>
 
 #include <toml++/toml.h>
 
 #include "host/errors.h"
+#include "host/results.h"
 
 namespace cimsweep {
 namespace fs = std::filesystem;
@@ -58,14 +61,15 @@ SweepPlan read_sweep_spec(const std::string& path) {
   const fs::path base = fs::path(path).parent_path();
   SweepPlan plan;
   plan.name = default_label(path);
-  static const std::set<std::string> known = {"name",        "data",   "split", "limit", "trials",
-                                              "first_trial", "sigmas", "clean", "cim",   "models"};
+  static const std::set<std::string> known = {
+      "name",       "data",       "split",  "limit", "trials", "first_trial", "ci_width",
+      "min_trials", "max_trials", "sigmas", "clean", "cim",    "models"};
   for (const auto& [key, node] : table) {
     const std::string k(key.str());
     if (!known.count(k))
       throw UserError("sweep file '" + path + "': unknown key '" + k +
-                      "' (known: name, data, split, limit, trials, first_trial, sigmas, clean, "
-                      "[cim], [[models]])");
+                      "' (known: name, data, split, limit, trials, first_trial, ci_width, "
+                      "min_trials, max_trials, sigmas, clean, [cim], [[models]])");
   }
   auto fail = [&](const std::string& m) -> void {
     throw UserError("sweep file '" + path + "': " + m);
@@ -87,6 +91,19 @@ SweepPlan read_sweep_spec(const std::string& path) {
     auto v = table["first_trial"].value<int64_t>();
     if (!v || *v != int(*v)) fail("first_trial must be an integer (at most 2147483647)");
     plan.first_trial = int(*v);
+  }
+  if (table.contains("ci_width")) {
+    auto v = table["ci_width"].value<double>();
+    if (!v || !(*v > 0) || !std::isfinite(*v))
+      fail("ci_width must be a number of points > 0, e.g. 1.0");
+    plan.ci_width = *v;
+  }
+  for (const auto& [key, target] : {std::pair<const char*, int*>{"min_trials", &plan.min_trials},
+                                    std::pair<const char*, int*>{"max_trials", &plan.max_trials}}) {
+    if (!table.contains(key)) continue;
+    auto v = table[key].value<int64_t>();
+    if (!v || *v != int(*v)) fail(std::string(key) + " must be an integer (at most 2147483647)");
+    *target = int(*v);
   }
   if (table.contains("clean")) {
     auto v = table["clean"].value<bool>();
@@ -143,6 +160,18 @@ void validate_plan(const SweepPlan& plan) {
       throw UserError("σ = " + std::to_string(s) + " is impossible: σ must be a finite number ≥ 0");
   if (plan.trials < 1) throw UserError("--trials must be at least 1");
   if (plan.first_trial < 0) throw UserError("--first-trial must be ≥ 0");
+  if (plan.ci_width < 0 || !std::isfinite(plan.ci_width))
+    throw UserError("--ci-width must be a half-width in points > 0, e.g. --ci-width 1");
+  if (plan.adaptive()) {
+    if (plan.min_trials < int(kMinIntervalTrials))
+      throw UserError("--min-trials must be at least " + std::to_string(kMinIntervalTrials) +
+                      ": fewer chips give no interval to stop on");
+    if (plan.max_trials < plan.min_trials)
+      throw UserError("--max-trials (" + std::to_string(plan.max_trials) +
+                      ") must be at least --min-trials (" + std::to_string(plan.min_trials) + ")");
+  }
+  if (int64_t(plan.first_trial) + plan.trial_count_cap() > int64_t(INT32_MAX))
+    throw UserError("--first-trial plus the number of trials must stay below 2147483648");
   if (plan.split != "test" && plan.split != "train")
     throw UserError("unknown --split '" + plan.split + "': use test or train");
   plan.cim.validate();

@@ -2,6 +2,7 @@
 // Read from a TOML file (sweeps/*.toml) or assembled from command-line options.
 #pragma once
 #include <cstddef>
+#include <cstdint>
 #include <string>
 #include <utility>
 #include <vector>
@@ -26,10 +27,19 @@ struct SweepPlan {
   size_t limit = 0;             // class-balanced subset; 0 = all images
   bool clean_reference = true;  // also run σ = 0 with an ideal ADC once per model
   CimConfig cim;
+  // Stopping rule (--ci-width): when ci_width > 0, `trials` is ignored and every (model, σ) cell
+  // runs chips first_trial, first_trial + 1, … in rounds until its 95 % interval half-width is at
+  // most ci_width points, with at least min_trials and at most max_trials chips.
+  double ci_width = 0;
+  int min_trials = 10, max_trials = 5000;
+  bool adaptive() const { return ci_width > 0; }
+  // How many chips a cell can use at most: trials, or max_trials with the stopping rule.
+  int64_t trial_count_cap() const { return adaptive() ? max_trials : trials; }
 };
 
 // Reads a sweep file. Relative model and data paths are relative to the file's directory.
-// Keys: name, data, split, limit, trials, first_trial, sigmas, clean, [cim] (CIM options by
+// Keys: name, data, split, limit, trials, first_trial, ci_width, min_trials, max_trials, sigmas,
+// clean, [cim] (CIM options by
 // their command-line names), [[models]] with path and optional label. UserError on anything else.
 SweepPlan read_sweep_spec(const std::string& path);
 

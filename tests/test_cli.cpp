@@ -171,6 +171,16 @@ TEST_F(Cli, BadInputGivesOneClearLineAndNoFileLeftBehind) {
       {"negative first trial", "eval " + kModel + data + " --first-trial -1" + out,
        "--first-trial"},
       {"negative limit", "eval " + kModel + data + " --limit -5" + out, "--limit"},
+      {"trials and ci-width", "sweep " + kModel + data + " --sigmas 0.1 --trials 3 --ci-width 1" +
+       out, "--ci-width"},
+      {"zero ci-width", "sweep " + kModel + data + " --sigmas 0.1 --ci-width 0" + out,
+       "--ci-width"},
+      {"min-trials without ci-width", "sweep " + kModel + data + " --sigmas 0.1 --min-trials 5" +
+       out, "--ci-width"},
+      {"too few min-trials", "sweep " + kModel + data + " --sigmas 0.1 --ci-width 1 --min-trials 2" +
+       out, "--min-trials"},
+      {"max below min", "sweep " + kModel + data + " --sigmas 0.1 --ci-width 1 --max-trials 5" +
+       out, "--max-trials"},
   };
   for (const BadInput& c : cases) {
     const auto r = run_cimsweep(c.args);

@@ -633,8 +633,53 @@ TEST(FormatTable, Markdown) {
   EXPECT_EQ(lines[3],
             "| resnet20 | 0.1 | 4 | 91.50 | 1.29 | 89.45 – 93.55 | 90.00 | 93.00 | 91.50 | 71.50 "
             "| 83.00 | 91.50 |");
-  EXPECT_EQ(lines[5], "| mlp | 0.1 | 1 | 50.00 | – | – | 50.00 | 50.00 | – | – | – | – |");
+  EXPECT_EQ(lines[5],
+            "| mlp | 0.1 | 1 | 50.00 | – | needs ≥ 3 chips | 50.00 | 50.00 | – | – | – | – |");
   EXPECT_EQ(lines[6], "");
+}
+
+// The README's main job printed "95 % CI −13.78 – 121.34" for 3 chips: an accuracy interval now
+// stays inside [0, 100], and below 3 chips there is none.
+TEST(AccuracySummary, IntervalInsideZeroToHundredAndNoneBelowThreeChips) {
+  // 23.33, 62.33 and 75.67: mean 53.78, std 27.20, t(0.975, 2) = 4.3027: ±67.6 unclipped.
+  const Summary wide = accuracy_summary({23.333333, 62.333333, 75.666667});
+  EXPECT_EQ(wide.ci_low, 0.0);
+  EXPECT_NEAR(wide.ci_high, 100.0, 0);
+  EXPECT_NEAR(interval_half_width(wide), 4.302652729749464 * wide.std / std::sqrt(3.0), 1e-9);
+  EXPECT_GT(interval_half_width(wide), 53.78);  // the raw interval would have left [0, 100]
+  const Summary narrow = accuracy_summary({90, 91, 92, 93});
+  EXPECT_NEAR(narrow.ci_low, 91.5 - 2.0542602567605220, 1e-12);  // inside: unchanged
+  EXPECT_NEAR(narrow.ci_high, 91.5 + 2.0542602567605220, 1e-12);
+  for (const std::vector<double>& few : {std::vector<double>{40, 60}, std::vector<double>{40}}) {
+    const Summary s = accuracy_summary(few);
+    EXPECT_TRUE(std::isnan(s.ci_low) && std::isnan(s.ci_high)) << few.size();
+    EXPECT_TRUE(std::isnan(interval_half_width(s)));
+    EXPECT_EQ(s.mean, few.size() == 2 ? 50 : 40);
+  }
+}
+
+TEST(FormatTable, StoppingRuleMarksTheCellsThatHitTheCap) {
+  std::vector<TrialRecord> records;
+  for (int t = 0; t < 4; ++t) {
+    records.push_back(make_record("m", 0.0, t, 90.0));             // settled: std 0
+    records.push_back(make_record("m", 0.1, t, 50.0 + 10.0 * t));  // ±20.5: still wide
+  }
+  std::vector<TableRow> rows = aggregate(records);
+  mark_stopping_rule(rows, 1.0, 4);
+  EXPECT_FALSE(rows[0].hit_trial_cap);
+  EXPECT_TRUE(rows[1].hit_trial_cap);
+  const std::vector<std::string> md = split(format_table(rows, "md"), '\n');
+  EXPECT_EQ(md[2].rfind("| m | 0.0 | 4 | 90.00 |", 0), 0u) << md[2];
+  EXPECT_EQ(md[3].rfind("| m | 0.1 | 4 (cap) | 65.00 |", 0), 0u) << md[3];
+  const std::vector<std::string> csv = split(format_table(rows, "csv"), '\n');
+  EXPECT_NE(csv[0].find(",ci_target,hit_cap"), std::string::npos) << csv[0];
+  EXPECT_NE(csv[2].find(",1.0,true"), std::string::npos) << csv[2];
+  const nlohmann::json json = nlohmann::json::parse(format_table(rows, "json"));
+  EXPECT_EQ(json[0]["hit_cap"], false);
+  EXPECT_EQ(json[1]["hit_cap"], true);
+  EXPECT_EQ(json[1]["ci_target"], 1.0);
+  // A table without the rule has no such columns.
+  EXPECT_EQ(format_table(aggregate(records), "csv").find("hit_cap"), std::string::npos);
 }
 
 TEST(FormatTable, Csv) {

@@ -230,8 +230,27 @@ TEST_F(Slurm, MergeScriptJoinsEveryShardFileIntoMergedResultsAndTable) {
                                              "--results",
                                              results + "/merged.jsonl",
                                              "--output",
-                                             results + "/table.md"};
+                                             results + "/table.md",
+                                             "plot",
+                                             results + "/merged.jsonl",
+                                             "-o",
+                                             results + "/figure.png"};
   EXPECT_EQ(split_lines(read_text(out)), expected);
+
+  // A stopping rule reaches every task and the merge, which marks the cells at the cap.
+  options.ci_width = 0.5;
+  options.max_trials = 800;
+  const SlurmJob adaptive = cimsweep::plan_slurm_job(options);
+  EXPECT_NE(cimsweep::array_script(adaptive).find("--ci-width 0.5 --max-trials 800"),
+            std::string::npos)
+      << cimsweep::array_script(adaptive);
+  const std::string adaptive_merge = cimsweep::merge_script(adaptive);
+  EXPECT_NE(adaptive_merge.find("table.md\" --ci-width 0.5 --max-trials 800"), std::string::npos)
+      << adaptive_merge;
+  EXPECT_NE(adaptive_merge.find("figure.png\" --ci-width 0.5 --max-trials 800"), std::string::npos)
+      << adaptive_merge;
+  options.ci_width = 0;
+  options.max_trials = -1;
 
   options.time = "10";
   EXPECT_TRUE(has_line(cimsweep::merge_script(cimsweep::plan_slurm_job(options)),

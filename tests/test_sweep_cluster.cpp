@@ -94,6 +94,94 @@ TEST_F(Cluster, EveryShardCountUnionEqualsTheUnshardedSweep) {
   }
 }
 
+// --ci-width: whole rounds per cell, each cell decided on its own chips, so shards (which take
+// whole cells) and a resumed run stop where the single run stops, with the same chips.
+TEST_F(Cluster, StoppingRuleIsTheSameWithShardsAndResume) {
+  const std::string sweep =
+      "sweep " + common + " --sigmas 0,0.6 --ci-width 2 --min-trials 3 --max-trials 8";
+  const auto whole = run_cimsweep(sweep + " --results " + dir.file("whole.jsonl"));
+  ASSERT_EQ(whole.exit_code, 0) << whole.err;
+  const auto records = cimsweep::read_results_file(dir.file("whole.jsonl"));
+  std::map<double, int> chips;
+  for (const auto& r : records)
+    if (r.trial >= 0) ++chips[r.sigma];
+  // σ = 0 has no spread: the first round settles it; a noisy cell needs more rounds.
+  EXPECT_EQ(chips[0.0], 3);
+  EXPECT_GT(chips[0.6], 3) << whole.out;
+  for (const auto& [sigma, n] : chips) {
+    EXPECT_LE(n, 8);
+    std::vector<cimsweep::TrialRecord> cell;
+    for (const auto& r : records)
+      if (r.trial >= 0 && r.sigma == sigma) cell.push_back(r);
+    // The stopping point is the rule's: settled (next_round_size is the count) and never past it.
+    EXPECT_EQ(cimsweep::next_round_size(cell, 2, 3, 8), n) << sigma;
+    // The table marks the cell iff it stopped at the cap with its interval still too wide.
+    const bool capped = n == 8 && cimsweep::next_round_size(cell, 2, 3, 1000) > 8;
+    const std::string row = "golden_resnet8_k5_w3_11x13_shortcutB_exits," +
+                            nlohmann::json(sigma).dump() + ",";
+    for (const std::string& line : split_lines(whole.out))
+      if (line.rfind(row, 0) == 0)
+        EXPECT_EQ(line.substr(line.rfind(",2.0,")), capped ? ",2.0,true" : ",2.0,false") << line;
+  }
+  EXPECT_NE(whole.out.find("ci_target,hit_cap"), std::string::npos) << whole.out;
+
+  {  // two shards, each taking whole cells
+    const int shards = 2;
+    std::string files;
+    for (int i = 0; i < shards; ++i) {
+      const std::string file = dir.file("c" + std::to_string(shards) + "_" + std::to_string(i));
+      const auto r = run_cimsweep(sweep + " --shard " + std::to_string(i) + "/" +
+                                  std::to_string(shards) + " --results " + file);
+      ASSERT_EQ(r.exit_code, 0) << r.err;
+      if (std::filesystem::exists(file)) files += " " + file;
+    }
+    const auto merged =
+        run_cimsweep("merge" + files + " --format csv --ci-width 2 --max-trials 8 --results " +
+                     dir.file("cm" + std::to_string(shards)));
+    ASSERT_EQ(merged.exit_code, 0) << merged.err;
+    EXPECT_EQ(merged.out, whole.out) << shards << " shards";
+    EXPECT_EQ(
+        results_by_unit(cimsweep::read_results_file(dir.file("cm" + std::to_string(shards)))),
+        results_by_unit(records));
+  }
+
+  // Killed after a few chips: the resumed run ends where the whole one did, with the same chips.
+  const std::vector<std::string> lines = split_lines(read_text(dir.file("whole.jsonl")));
+  std::string head;
+  for (size_t i = 0; i < 5; ++i) head += lines[i] + "\n";
+  cimsweep::testing::write_text(dir.file("part.jsonl"), head);
+  const auto resumed = run_cimsweep(sweep + " --resume --results " + dir.file("part.jsonl"));
+  ASSERT_EQ(resumed.exit_code, 0) << resumed.err;
+  EXPECT_EQ(resumed.out, whole.out);
+  EXPECT_EQ(results_by_unit(cimsweep::read_results_file(dir.file("part.jsonl"))),
+            results_by_unit(records));
+}
+
+TEST(StoppingRule, RoundsGrowTowardsTheTargetAndStopAtTheCap) {
+  auto chips = [](const std::vector<double>& accuracies) {
+    std::vector<cimsweep::TrialRecord> records;
+    for (double a : accuracies) {
+      cimsweep::TrialRecord r;
+      r.accuracy = a;
+      records.push_back(r);
+    }
+    return records;
+  };
+  EXPECT_EQ(cimsweep::next_round_size(chips({}), 1, 10, 100), 10);
+  EXPECT_EQ(cimsweep::next_round_size(chips({80, 80, 80}), 1, 3, 100), 3);  // settled
+  // 10 chips, std 9.5: half-width 6.8; n·(7.15/1)²·1.1 ≫ 2n, so the round doubles n.
+  std::vector<double> spread;
+  for (int i = 0; i < 10; ++i) spread.push_back(i % 2 ? 60 : 40 + 0.5 * i);
+  EXPECT_EQ(cimsweep::next_round_size(chips(spread), 1, 10, 5000), 20);
+  EXPECT_EQ(cimsweep::next_round_size(chips(spread), 1, 10, 15), 15);   // the cap
+  EXPECT_EQ(cimsweep::next_round_size(chips(spread), 1, 10, 10), 10);   // at the cap: stop
+  // Close to the target: aim 10 % beyond the predicted n, at least min_trials more.
+  const double half = cimsweep::interval_half_width(cimsweep::summarize(spread));
+  EXPECT_EQ(cimsweep::next_round_size(chips(spread), half * 0.99, 10, 5000), 20);
+  EXPECT_EQ(cimsweep::next_round_size(chips(spread), half * 0.8, 3, 5000),
+            int(std::ceil(1.1 * 10 / 0.64)));
+}
+
 TEST_F(Cluster, DevicesSplitTheTrialsWithoutChangingThem) {
   const std::string sweep = "sweep " + common + " --sigmas 0.05,0.1 --trials 4";
   const auto one = run_cimsweep(sweep + " --results " + dir.file("one.jsonl"));

@@ -64,15 +64,13 @@ class IdelbayevBlock(nn.Module):
         return F.relu(out + shortcut)
 
 
-class TorchvisionBlock(nn.Module):
-    """A torchvision-style BasicBlock: projection `downsample` where the shape changes."""
+class TorchvisionBlock(IdelbayevBlock):
+    """A torchvision-style BasicBlock: the same convs, a projection `downsample` where the shape
+    changes."""
 
     def __init__(self, in_planes, planes, stride):
-        super().__init__()
-        self.conv1 = nn.Conv2d(in_planes, planes, 3, stride, 1, bias=False)
-        self.bn1 = nn.BatchNorm2d(planes)
-        self.conv2 = nn.Conv2d(planes, planes, 3, 1, 1, bias=False)
-        self.bn2 = nn.BatchNorm2d(planes)
+        super().__init__(in_planes, planes, stride)
+        self.pad = None
         self.downsample = None
         if stride != 1 or in_planes != planes:
             self.downsample = nn.Sequential(nn.Conv2d(in_planes, planes, 1, stride, bias=False),
