@@ -62,8 +62,14 @@ def draw_accuracy(axes, rows):
             else f"{model} ({chips[0]} chips)"
         axes.plot(sigma, mean, "o-", color=colour, label=label, zorder=3)
         # The band only where there is an interval (cimsweep gives none below 3 chips).
-        axes.fill_between(sigma, low, high, where=[not math.isnan(v) for v in low],
-                          color=colour, alpha=0.2, linewidth=0, zorder=2)
+        has_interval = [not math.isnan(v) for v in low]
+        axes.fill_between(sigma, low, high, where=has_interval, color=colour, alpha=0.2,
+                          linewidth=0, zorder=2)
+        # Bars too: a band needs two neighbouring cells with an interval to show at all.
+        bars = [i for i, has in enumerate(has_interval) if has]
+        axes.errorbar([sigma[i] for i in bars], [mean[i] for i in bars],
+                      yerr=[[mean[i] - low[i] for i in bars], [high[i] - mean[i] for i in bars]],
+                      fmt="none", ecolor=colour, capsize=3, linewidth=1, zorder=3)
         exits = max(len(cell["exit_accuracy"]) for cell in cells)
         for exit_index in range(exits - 1):  # the last exit is the final head, drawn above
             exit_mean = [number(cell["exit_accuracy"][exit_index]["mean"])
