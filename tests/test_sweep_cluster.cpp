@@ -26,6 +26,7 @@
 #include "host/errors.h"
 #include "host/results.h"
 #include "host/sweep.h"
+#include "host/sweep_spec.h"
 #include "tests/test_util.h"
 
 extern char** environ;
@@ -180,6 +181,28 @@ TEST(StoppingRule, RoundsGrowTowardsTheTargetAndStopAtTheCap) {
   EXPECT_EQ(cimsweep::next_round_size(chips(spread), half * 0.99, 10, 5000), 20);
   EXPECT_EQ(cimsweep::next_round_size(chips(spread), half * 0.8, 3, 5000),
             int(std::ceil(1.1 * 10 / 0.64)));
+}
+
+TEST(StoppingRule, SweepFileKeysAndTheirErrors) {
+  cimsweep::testing::TempDir dir;
+  const std::string head = "sigmas = [0.1]\n";
+  cimsweep::testing::write_text(dir.file("ok.toml"),
+                                head + "ci_width = 1.5\nmin_trials = 4\nmax_trials = 40\n");
+  const cimsweep::SweepPlan plan = cimsweep::read_sweep_spec(dir.file("ok.toml"));
+  EXPECT_EQ(plan.ci_width, 1.5);
+  EXPECT_EQ(plan.min_trials, 4);
+  EXPECT_EQ(plan.max_trials, 40);
+  EXPECT_TRUE(plan.adaptive());
+  for (const std::string bad : {"ci_width = -1\n", "ci_width = \"wide\"\n", "min_trials = 2.5\n"}) {
+    cimsweep::testing::write_text(dir.file("bad.toml"), head + bad);
+    EXPECT_THROW(cimsweep::read_sweep_spec(dir.file("bad.toml")), cimsweep::UserError) << bad;
+  }
+  cimsweep::SweepPlan few = plan;
+  few.models.push_back({"m", "m.safetensors"});
+  few.min_trials = 2;  // no interval to stop on
+  EXPECT_THROW(cimsweep::validate_plan(few), cimsweep::UserError);
+  few.min_trials = 50;  // above max_trials
+  EXPECT_THROW(cimsweep::validate_plan(few), cimsweep::UserError);
 }
 
 TEST_F(Cluster, DevicesSplitTheTrialsWithoutChangingThem) {
