@@ -321,8 +321,8 @@ std::vector<TrialRecord> run_sweep(const SweepPlan& plan, const SweepOptions& op
   }
   if (options.shard_count > 1 && cells.empty())
     std::fprintf(stderr,
-                 "cimsweep: shard %d/%d has no cells (the sweep has %zu (model, σ) cells and "
-                 "clean references; with --ci-width shards take whole cells): nothing to do\n",
+                 "cimsweep: shard %d/%d has no cells (the sweep has %zu: clean references and "
+                 "(model, σ) cells; with --ci-width shards take whole cells): nothing to do\n",
                  options.shard_index, options.shard_count, cell_number);
   for (;;) {
     std::vector<Unit> round;
