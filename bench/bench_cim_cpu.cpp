@@ -45,6 +45,7 @@
 #include "host/cim_cpu.h"
 #include "host/errors.h"
 #include "host/model_file.h"
+#include "host/output_file.h"
 #include "host/results.h"
 #include "networks/resnet.h"
 #include "bench/random_resnet.h"
@@ -685,7 +686,7 @@ int main(int argc, char** argv) {
     std::printf("load average at end: %s\n", load_average().c_str());
 
     if (!o.json_path.empty()) {
-      write_file_atomically(o.json_path, report.dump(2) + "\n");
+      write_output_file(o.json_path, report.dump(2) + "\n", "benchmark report");
       std::printf("raw numbers written to %s\n", o.json_path.c_str());
     }
   } catch (const std::exception& e) {

@@ -37,6 +37,7 @@
 #include "host/cim_cpu.h"
 #include "host/errors.h"
 #include "host/model_file.h"
+#include "host/output_file.h"
 #include "host/results.h"
 #include "networks/resnet.h"
 #include "bench/random_resnet.h"
@@ -227,7 +228,7 @@ void dump_layer(const std::string& path, uint64_t seed) {
                      {"bias", bias},
                      {"input", input},
                      {"cases", cases}};
-  write_file_atomically(path, dump.dump() + "\n");
+  write_output_file(path, dump.dump() + "\n", "benchmark report");
   std::printf("wrote %s (%zu cases)\n", path.c_str(), cases.size());
 }
 
@@ -377,7 +378,7 @@ int main(int argc, char** argv) {
     }
     report["networks"] = networks;
     if (!o.json_path.empty()) {
-      write_file_atomically(o.json_path, report.dump(2) + "\n");
+      write_output_file(o.json_path, report.dump(2) + "\n", "benchmark report");
       std::printf("raw numbers written to %s\n", o.json_path.c_str());
     }
   } catch (const std::exception& e) {

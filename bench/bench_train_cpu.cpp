@@ -25,6 +25,7 @@
 #include <nlohmann/json.hpp>
 
 #include "host/cim_cpu.h"
+#include "host/output_file.h"
 #include "host/results.h"
 #include "networks/resnet.h"
 #include "train/layers.h"
@@ -204,7 +205,7 @@ static int run(int argc, char** argv) {
                      {"train_fraction_of_sgemm", train_images / gemm_images},
                      {"engine_forward_images_per_second", forward_images},
                      {"evaluator_digital_images_per_second", digital_images}};
-    cimsweep::write_file_atomically(json_path, j.dump(2) + "\n");
+    cimsweep::write_output_file(json_path, j.dump(2) + "\n", "benchmark report");
   }
   return 0;
 }

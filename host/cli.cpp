@@ -9,16 +9,20 @@
 #include <tuple>
 #include <iostream>
 #include <limits>
+#include <optional>
 #include <sstream>
+#include <thread>
 
 #include <CLI/CLI.hpp>
 #include <nlohmann/json.hpp>
 
 #include "host/cim_cpu.h"
 #include "host/errors.h"
+#include "host/blockdrop_eval.h"
 #include "host/exit_policy.h"
 #include "host/model_file.h"
 #include "host/plot_command.h"
+#include "host/output_file.h"
 #include "host/provenance_text.h"
 #include "host/results.h"
 #include "host/slurm.h"
@@ -41,7 +45,8 @@ struct RunOptions {
   int trials = kNotGiven, first_trial = kNotGiven, threads = 0, device = 0;
   double ci_width = NAN;  // NaN: not given
   int min_trials = kNotGiven, max_trials = kNotGiven;
-  bool resume = false, quiet = false, no_clean = false, policy_on_cim = false;
+  bool resume = false, quiet = false, no_clean = false, policy_on_cim = false,
+       wait_for_lock = false, force = false;
   ExitPolicyOptions exit_policy;  // --exit-policy and its calibration, --entropy-grid
 };
 
@@ -61,9 +66,13 @@ void add_run_options(CLI::App* cmd, RunOptions& o) {
                   "(default 5000); the table marks cells that stopped there");
   cmd->add_option("--results", o.results, "append every trial to this JSON Lines file");
   cmd->add_flag("--resume", o.resume, "continue the --results file, skipping finished trials");
+  cmd->add_flag("--wait-for-lock", o.wait_for_lock,
+                "another run is writing the --results file: wait for it to finish (then resume "
+                "what it left) instead of stopping with an error");
   cmd->add_option("--format", o.format, "table format: md, csv or json (default md)");
   cmd->add_option("--output", o.output,
-                  "write the table to this file (atomically) instead of stdout");
+                  "write the table to this file (atomically; a device or pipe is written "
+                  "straight) instead of stdout");
   cmd->add_flag("--no-clean", o.no_clean, "skip the clean (σ = 0, ADC ideal) reference run");
   cmd->add_option("--threads", o.threads, "CPU threads (default: all cores)");
   cmd->add_option("--backend", o.backend,
@@ -128,27 +137,11 @@ void add_run_options(CLI::App* cmd, RunOptions& o) {
   }
 }
 
-std::vector<double> parse_sigma_list(const std::string& text) {
-  std::vector<double> sigmas;
-  std::stringstream ss(text);
-  std::string item;
-  while (std::getline(ss, item, ',')) {
-    char* end = nullptr;
-    const double v = std::strtod(item.c_str(), &end);
-    if (item.empty() || *end != '\0')
-      throw UserError("σ list '" + text + "' has a value that is not a number ('" + item +
-                      "'): use e.g. --sigmas 0,0.05,0.1");
-    sigmas.push_back(v);
-  }
-  return sigmas;
-}
-
 void apply_run_options(const RunOptions& o, SweepPlan& plan) {
   for (const auto& [name, value] : o.cim) set_cim_option(plan.cim, name, value);
   if (!o.data.empty()) plan.data_path = o.data;
   if (!o.split.empty()) plan.split = o.split;
   if (o.limit != RunOptions::kNotGiven) {
-    if (o.limit < 0) throw UserError("--limit must be ≥ 0 (0, or leaving it out: all images)");
     plan.limit = size_t(o.limit);
   }
   if (o.trials != RunOptions::kNotGiven) plan.trials = o.trials;  // validate_plan: at least 1
@@ -169,6 +162,8 @@ void apply_run_options(const RunOptions& o, SweepPlan& plan) {
   if (o.first_trial != RunOptions::kNotGiven) plan.first_trial = o.first_trial;  // and ≥ 0
   if (o.no_clean) plan.clean_reference = false;
   if (o.threads < 0) throw UserError("--threads must be at least 1 (or leave it out: all cores)");
+  if (o.limit != RunOptions::kNotGiven && o.limit < 0)
+    throw UserError("--limit must be ≥ 0 (0, or leaving it out: all images)");
   if (o.device < 0) throw UserError("--device must be a GPU number ≥ 0 (see nvidia-smi)");
   if (o.format != "md" && o.format != "csv" && o.format != "json")
     throw UserError("unknown --format '" + o.format + "': use md, csv or json");
@@ -208,32 +203,64 @@ void announce_backend(const std::vector<BackendResolution>& workers) {
   }
 }
 
+// More OpenMP threads than this many per hardware thread only cost memory and time (and
+// libgomp crashes on a hundred thousand).
+constexpr int kThreadsPerCore = 4;
+
+int capped_threads(int requested) {
+  const int cores = std::max(1, int(std::thread::hardware_concurrency()));
+  if (requested <= kThreadsPerCore * cores) return requested;
+  std::fprintf(stderr,
+               "cimsweep: note: --threads %d is more than %d × the %d hardware threads; using %d\n",
+               requested, kThreadsPerCore, cores, kThreadsPerCore * cores);
+  return kThreadsPerCore * cores;
+}
+
 // ci_width > 0: the table marks the cells that stopped at max_trials above the target.
-void emit_table(const std::vector<TrialRecord>& records, const RunOptions& o, double ci_width = 0,
-                int max_trials = 0) {
+void emit_table(const std::vector<TrialRecord>& records, const RunOptions& o,
+                const OutputPath& output, double ci_width = 0, int max_trials = 0) {
   std::vector<TableRow> rows = aggregate(records);
   if (ci_width > 0) mark_stopping_rule(rows, ci_width, max_trials);
-  const std::string table = add_frontier(format_table(rows, o.format), records, o.format);
-  if (o.output.empty()) {
+  std::string table = add_frontier(format_table(rows, o.format), records, o.format);
+  if (!table.empty() && table.back() != '\n') table += '\n';
+  if (output.empty()) {
     std::cout << table;
-    if (!table.empty() && table.back() != '\n') std::cout << '\n';
     std::cout.flush();
   } else {
-    write_file_atomically(o.output, table);
+    output.write(table);
   }
+}
+
+// --output, checked before any work: writable, and none of the files the run reads or appends.
+OutputPath prepare_output(const RunOptions& o, const std::vector<std::pair<std::string, std::string>>& inputs) {
+  if (o.output.empty()) return {};
+  OutputPath output(o.output, "--output");
+  refuse_same_file(o.output, "--output", o.results, "--results");
+  for (const auto& [path, what] : inputs) refuse_same_file(o.output, "--output", path, what);
+  return output;
 }
 
 int run_info(const std::string& path, const std::string& format) {
   if (format != "text" && format != "json")
     throw UserError("unknown --format '" + format + "': use text or json");
   const LoadedModel model = load_model(path);
+  std::string backbone_line;
+  if (is_blockdrop_policy(model)) {
+    // A policy's network answers with the backbone's blocks, not classes: say whose, and stop
+    // here when that backbone is missing or changed, as eval would.
+    std::shared_ptr<const BlockDropModel> blockdrop;
+    load_blockdrop(load_model(path), false, blockdrop);
+    backbone_line = "blockdrop:   policy for backbone " + blockdrop->backbone_path + " (its " +
+                    std::to_string(blockdrop->blocks()) +
+                    " outputs are the backbone's residual blocks, not classes)\n";
+  }
   if (format == "json") {  // the metadata as stored: every value the raw JSON string
     std::cout << nlohmann::json(model.metadata).dump(2) << "\n";
     return 0;
   }
   const ResNet& net = *model.network;
   std::cout << "model:       " << path << "\n";
-  std::cout << "network:     " << net.arch().describe() << "\n";
+  std::cout << "network:     " << net.arch().describe() << "\n" << backbone_line;
   std::cout << "parameters:  " << net.parameter_count() << "\n";
   const auto macs = net.layer_macs();
   int64_t total_macs = 0;
@@ -272,18 +299,31 @@ int run_info(const std::string& path, const std::string& format) {
 int run_merge(std::vector<std::string> inputs, const RunOptions& o) {
   if (o.format != "md" && o.format != "csv" && o.format != "json")
     throw UserError("unknown --format '" + o.format + "': use md, csv or json");
-  // An existing merged file joins the inputs, so merging again (or with new shards) keeps it.
-  if (!o.results.empty() && std::filesystem::exists(o.results) &&
-      std::find(inputs.begin(), inputs.end(), o.results) == inputs.end())
-    inputs.insert(inputs.begin(), o.results);
   if (!std::isnan(o.ci_width) && !(o.ci_width > 0))
     throw UserError("--ci-width must be a half-width in points > 0, e.g. --ci-width 1");
   if (o.max_trials != RunOptions::kNotGiven && std::isnan(o.ci_width))
     throw UserError("--max-trials marks the cells of a --ci-width sweep: give --ci-width W too");
-  const std::vector<TrialRecord> records = merge_results(inputs);
-  if (!o.results.empty()) write_results_file(o.results, records);
+  std::vector<std::pair<std::string, std::string>> named_inputs;
+  for (const std::string& input : inputs) named_inputs.emplace_back(input, "the merge input");
+  const OutputPath output = prepare_output(o, named_inputs);
+  OutputPath results;
+  std::optional<ResultsFileLock> lock;
+  if (!o.results.empty()) {
+    results = OutputPath(o.results, "--results");
+    // Not replaced while a sweep appends to it.
+    lock.emplace(results.target(), o.wait_for_lock);
+    // An existing merged file joins the inputs, so merging again (or with new shards) keeps it;
+    // "among the inputs" by identity, so another spelling of it is not read twice.
+    const FileIdentity merged = results.identity();
+    const bool listed = std::any_of(inputs.begin(), inputs.end(), [&](const std::string& input) {
+      return file_identity(input) == merged;
+    });
+    if (merged.new_name.empty() && merged.known && !listed) inputs.insert(inputs.begin(), o.results);
+  }
+  const std::vector<TrialRecord> records = merge_results(inputs, o.force);
+  if (!results.empty()) write_results_file(results, records);
   const SweepPlan defaults;
-  emit_table(records, o, std::isnan(o.ci_width) ? 0 : o.ci_width,
+  emit_table(records, o, output, std::isnan(o.ci_width) ? 0 : o.ci_width,
              o.max_trials != RunOptions::kNotGiven ? o.max_trials : defaults.max_trials);
   return 0;
 }
@@ -335,7 +375,12 @@ int run_cli(int argc, char** argv) {
                     "write the merged results here (atomically; an existing file is merged too)");
   merge->add_option("--format", merge_options.format, "table format: md, csv or json (default md)");
   merge->add_option("--output", merge_options.output,
-                    "write the table to this file (atomically) instead of stdout");
+                    "write the table to this file (atomically; a device or pipe is written "
+                    "straight) instead of stdout");
+  merge->add_flag("--force", merge_options.force,
+                  "merge models run on different data or CIM settings into one table anyway");
+  merge->add_flag("--wait-for-lock", merge_options.wait_for_lock,
+                  "a sweep is writing the --results file: wait for it instead of an error");
   merge->add_option("--ci-width", merge_options.ci_width,
                     "the shards ran with --ci-width W: mark the cells that stopped at the cap");
   merge->add_option("--max-trials", merge_options.max_trials,
@@ -376,14 +421,24 @@ int run_cli(int argc, char** argv) {
         plan.models.clear();
         for (const auto& m : sweep_models) plan.models.push_back({default_label(m), m});
       }
-      if (!sigma_list.empty()) plan.sigmas = parse_sigma_list(sigma_list);
+      if (!sigma_list.empty()) plan.sigmas = parse_sigma_list(sigma_list, "σ list");
     }
     apply_run_options(o, plan);
     validate_plan(plan);
-    if (o.threads > 0) omp_set_num_threads(o.threads);
+    tidy_sigmas(plan);
+    // Every file the run reads: neither the table nor the results may be one of them.
+    std::vector<std::pair<std::string, std::string>> inputs;
+    for (const SweepModel& m : plan.models) inputs.emplace_back(m.path, "model file");
+    if (!spec_path.empty()) inputs.emplace_back(spec_path, "the sweep file");
+    if (!plan.data_path.empty() && std::filesystem::is_regular_file(plan.data_path))
+      inputs.emplace_back(plan.data_path, "--data");
+    for (const auto& [path, what] : inputs) refuse_same_file(o.results, "--results", path, what);
+    const OutputPath output = prepare_output(o, inputs);
+    if (o.threads > 0) omp_set_num_threads(capped_threads(o.threads));
     SweepOptions options;
     options.results_path = o.results;
     options.resume = o.resume;
+    options.wait_for_lock = o.wait_for_lock;
     options.show_progress = !o.quiet;
     if (!o.shard.empty()) std::tie(options.shard_index, options.shard_count) = parse_shard(o.shard);
     const std::vector<BackendResolution> workers = resolve_workers(o);
@@ -392,7 +447,7 @@ int run_cli(int argc, char** argv) {
     options.exit_policy = o.exit_policy;
     options.policy_on_cim = o.policy_on_cim;
     const std::vector<TrialRecord> records = run_sweep(plan, options);
-    emit_table(records, o, plan.ci_width, plan.max_trials);
+    emit_table(records, o, output, plan.ci_width, plan.max_trials);
     return 0;
   } catch (const UserError& e) {
     std::fprintf(stderr, "cimsweep: error: %s\n", e.what());

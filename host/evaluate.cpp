@@ -75,11 +75,23 @@ TrialRecord TrialRunner::run_clean(const BatchCallback& on_batch) {
   return record;
 }
 
+void TrialRunner::update_config_hash() {
+  config_hash_ = exit_policy_ ? fnv1a_hex(base_config_hash_ + exit_policy_->identity().dump())
+                              : base_config_hash_;
+  if (!sweep_sigmas_.empty())
+    config_hash_ = fnv1a_hex(config_hash_ + "sigmas" + nlohmann::json(sweep_sigmas_).dump());
+}
+
 void TrialRunner::set_exit_policy(std::shared_ptr<const ExitPolicy> policy) {
   if (base_config_hash_.empty()) base_config_hash_ = config_hash_;
   exit_policy_ = std::move(policy);
-  config_hash_ = exit_policy_ ? fnv1a_hex(base_config_hash_ + exit_policy_->identity().dump())
-                              : base_config_hash_;
+  update_config_hash();
+}
+
+void TrialRunner::set_sweep_sigmas(std::vector<double> sigmas) {
+  if (base_config_hash_.empty()) base_config_hash_ = config_hash_;
+  sweep_sigmas_ = std::move(sigmas);
+  update_config_hash();
 }
 
 void TrialRunner::set_blockdrop(std::shared_ptr<const BlockDropModel> blockdrop) {
@@ -87,8 +99,7 @@ void TrialRunner::set_blockdrop(std::shared_ptr<const BlockDropModel> blockdrop)
   blockdrop_ = std::make_unique<BlockDropDecider>(std::move(blockdrop), config_, backend_choice_);
   if (base_config_hash_.empty()) base_config_hash_ = config_hash_;
   base_config_hash_ = fnv1a_hex(base_config_hash_ + blockdrop_->model().identity().dump());
-  config_hash_ = exit_policy_ ? fnv1a_hex(base_config_hash_ + exit_policy_->identity().dump())
-                              : base_config_hash_;
+  update_config_hash();
 }
 
 ExitObservations TrialRunner::observe_trial(double sigma, uint32_t trial) {

@@ -41,6 +41,9 @@ class TrialRunner {
   // From now on the backbone runs with the keep masks that this BlockDrop policy chooses per image
   // (records gain extra["blockdrop"]); the configuration hash then includes the policy's identity.
   void set_blockdrop(std::shared_ptr<const BlockDropModel> blockdrop);
+  // Every σ of the sweep this runner belongs to joins the configuration hash, so that trials of
+  // a sweep with other σ values (whose shards hold other units) are never resumed or merged in.
+  void set_sweep_sigmas(std::vector<double> sigmas);
   // Every exit's softmax statistics of every image on chip (sigma, trial): calibration chips.
   ExitObservations observe_trial(double sigma, uint32_t trial);
 
@@ -56,7 +59,9 @@ class TrialRunner {
   std::string config_hash_;
   std::unique_ptr<CimBackend> backend_;
   std::shared_ptr<const ExitPolicy> exit_policy_;
-  std::string base_config_hash_;  // without the exit policy
+  void update_config_hash();
+  std::string base_config_hash_;  // without the exit policy and the sweep's σ values
+  std::vector<double> sweep_sigmas_;
   BackendChoice backend_choice_;
   std::unique_ptr<BlockDropDecider> blockdrop_;
 };

@@ -134,7 +134,8 @@ std::string caption(const std::vector<TrialRecord>& records, const std::vector<T
 }  // namespace
 
 std::string plot_document(const std::vector<std::string>& inputs, const PlotOptions& options) {
-  const std::vector<TrialRecord> records = merge_results(inputs);
+  // A figure may compare runs of other settings on purpose; its caption lists them all.
+  const std::vector<TrialRecord> records = merge_results(inputs, /*allow_mixed_settings=*/true);
   std::vector<TableRow> rows = aggregate(records);
   if (rows.empty())
     throw UserError("no chips (trials ≥ 0) in " + joined(inputs) +

@@ -1,7 +1,9 @@
 #include "host/results.h"
 
 #include <fcntl.h>
+#include <sys/file.h>
 #include <sys/stat.h>
+#include <sys/sysmacros.h>
 #include <unistd.h>
 
 #include <algorithm>
@@ -11,12 +13,14 @@
 #include <cstdio>
 #include <cstring>
 #include <filesystem>
+#include <fstream>
 #include <iterator>
 #include <map>
 #include <sstream>
 #include <unordered_map>
 
 #include "host/errors.h"
+#include "host/output_file.h"
 
 namespace cimsweep {
 namespace {
@@ -190,33 +194,65 @@ std::string read_fd(int fd, const std::string& path) {
   }
 }
 
-// Writes all of `text`, retrying interrupted and short writes. Returns false with errno set.
-bool write_all(int fd, const char* data, size_t size) {
-  while (size > 0) {
-    const ssize_t wrote = ::write(fd, data, size);
-    if (wrote < 0 && errno == EINTR) continue;
-    if (wrote <= 0) {
-      if (wrote == 0) errno = EIO;
-      return false;
-    }
-    data += wrote;
-    size -= size_t(wrote);
+// The process holding a flock on the file open as fd, from /proc/locks ("1: FLOCK ADVISORY
+// WRITE 1234 08:01:5678 0 EOF", device numbers in hex); 0 when it cannot be told.
+long lock_holder(int fd) {
+  struct stat status;
+  if (fstat(fd, &status) != 0) return 0;
+  std::ifstream locks("/proc/locks");
+  char device[32];
+  std::snprintf(device, sizeof device, "%02x:%02x:", major(status.st_dev), minor(status.st_dev));
+  const std::string exact = device + std::to_string(status.st_ino);
+  const std::string inode_only = ":" + std::to_string(status.st_ino);
+  long by_inode = 0;
+  for (std::string line; std::getline(locks, line);) {
+    if (line.find("->") != std::string::npos || line.find("FLOCK") == std::string::npos) continue;
+    std::istringstream fields(line);
+    std::string number, kind, mode, access, id;
+    long pid = 0;
+    if (!(fields >> number >> kind >> mode >> access >> pid >> id)) continue;
+    if (id == exact) return pid;
+    // Some file systems (overlayfs) report another device number than stat.
+    if (id.size() > inode_only.size() &&
+        id.compare(id.size() - inode_only.size(), inode_only.size(), inode_only) == 0)
+      by_inode = pid;
   }
-  return true;
+  return by_inode;
 }
 
-std::string parent_directory(const std::string& path) {
-  std::string parent = std::filesystem::path(path).parent_path().string();
-  return parent.empty() ? "." : parent;
+std::string holder_text(int fd) {
+  const long pid = lock_holder(fd);
+  return pid > 0 ? "pid " + std::to_string(pid) : "another process";
 }
 
-// Makes a new or renamed directory entry durable; a failure only weakens crash safety, so it is
-// not an error worth stopping a sweep for.
-void sync_directory(const std::string& directory) {
-  const int fd = ::open(directory.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC);
-  if (fd < 0) return;
-  (void)fsync(fd);
-  ::close(fd);
+// Takes the writer's lock on a results file. Two writers of one file would compute and append
+// every missing trial twice, and one's clean-up could remove the other's file; so a second one
+// stops with the holder's pid, or waits. Returns false where the file system has no locks.
+bool lock_results_file(int fd, const std::string& path, bool wait) {
+  if (flock(fd, LOCK_EX | LOCK_NB) == 0) return true;
+  if (errno == EWOULDBLOCK) {
+    if (!wait)
+      throw UserError("results file '" + path + "' is being written by another cimsweep (" +
+                      holder_text(fd) +
+                      "): let it finish, pass --wait-for-lock to wait for it, or choose another "
+                      "--results path");
+    std::fprintf(stderr, "cimsweep: note: waiting for %s, which is writing '%s' (--wait-for-lock)\n",
+                 holder_text(fd).c_str(), path.c_str());
+    while (flock(fd, LOCK_EX) != 0)
+      if (errno != EINTR)
+        throw UserError("cannot lock results file '" + path + "': " + errno_text() +
+                        ": choose another --results path");
+    return true;
+  }
+  std::fprintf(stderr,
+               "cimsweep: note: results file '%s' cannot be locked (%s): make sure no other run "
+               "writes it at the same time\n",
+               path.c_str(), errno_text().c_str());
+  return false;
+}
+
+bool same_inode(const struct stat& a, const struct stat& b) {
+  return a.st_dev == b.st_dev && a.st_ino == b.st_ino;
 }
 
 }  // namespace
@@ -246,26 +282,61 @@ std::string unit_key(const TrialRecord& record) {
   return dump_line(json::array({record.model, record.config_hash, record.sigma, record.trial}));
 }
 
-ResultsLog::ResultsLog(const std::string& path, bool resume) : path_(path) {
-  // O_EXCL tells whether this object creates the file, which decides the clean-up in the
-  // destructor; an existing file is opened read-write so that a torn tail can be truncated.
-  fd_ = ::open(path.c_str(), O_RDWR | O_APPEND | O_CREAT | O_EXCL | O_CLOEXEC, 0644);
-  if (fd_ >= 0) {
-    created_ = true;
-    sync_directory(parent_directory(path));
-    return;
+ResultsLog::ResultsLog(const std::string& path, bool resume, bool wait_for_lock)
+    : path_(path) {
+  // Through a symlink (dangling too) to its target: the link stays a link.
+  target_ = resolve_symlinks(path, "results file");
+  const std::string shown = "'" + path + "'" + (target_ != path ? " (→ '" + target_ + "')" : "");
+  // Open, lock, then check that the name still leads to the locked file: a writer that held the
+  // lock may have removed it (its run failed before the first trial), and appending to a file
+  // no name leads to would lose every trial.
+  for (int attempt = 0;; ++attempt) {
+    created_ = false;
+    // O_EXCL tells whether this object creates the file, which decides the clean-up in the
+    // destructor; an existing file is opened read-write so that a torn tail can be truncated.
+    fd_ = ::open(target_.c_str(), O_RDWR | O_APPEND | O_CREAT | O_EXCL | O_CLOEXEC, 0644);
+    if (fd_ >= 0) {
+      created_ = true;
+    } else if (errno == EEXIST) {
+      fd_ = ::open(target_.c_str(), O_RDWR | O_APPEND | O_CLOEXEC);
+      if (fd_ < 0 && errno == ENOENT && attempt < 100) continue;  // removed meanwhile
+    }
+    if (fd_ < 0) {
+      const std::string directory = std::filesystem::path(target_).parent_path().string();
+      if (errno == ENOENT && !directory.empty() && !std::filesystem::exists(directory))
+        throw UserError("cannot create results file " + shown + ": directory '" + directory +
+                        "' does not exist: create it or choose another --results path");
+      throw UserError("cannot open results file " + shown + ": " + errno_text() +
+                      ": check its permissions or choose another --results path");
+    }
+    try {
+      struct stat opened;
+      if (fstat(fd_, &opened) != 0 || !S_ISREG(opened.st_mode))
+        throw UserError("results file " + shown +
+                        " is not a regular file: choose another --results path");
+      locked_ = lock_results_file(fd_, path, wait_for_lock);
+      struct stat named;
+      if (locked_ && (::stat(target_.c_str(), &named) != 0 || !same_inode(named, opened)) &&
+          attempt < 100) {
+        ::close(fd_);
+        fd_ = -1;
+        continue;
+      }
+    } catch (...) {
+      ::close(fd_);
+      fd_ = -1;
+      throw;
+    }
+    break;
   }
-  if (errno == EEXIST) fd_ = ::open(path.c_str(), O_RDWR | O_APPEND | O_CLOEXEC);
-  if (fd_ < 0) {
-    throw UserError("cannot open results file '" + path + "': " + errno_text() +
-                    ": create its directory or choose another --results path");
+  if (created_) {
+    sync_directory_of(target_);
+    return;
   }
   try {
     struct stat status;
-    if (fstat(fd_, &status) != 0 || !S_ISREG(status.st_mode)) {
-      throw UserError("results file '" + path +
-                      "' is not a regular file: choose another --results path");
-    }
+    if (fstat(fd_, &status) != 0)
+      throw UserError("cannot read results file " + shown + ": " + errno_text());
     if (status.st_size == 0) return;
     const std::string text = read_fd(fd_, path);
     if (!resume) {
@@ -297,8 +368,16 @@ ResultsLog::ResultsLog(const std::string& path, bool resume) : path_(path) {
 }
 
 ResultsLog::~ResultsLog() {
-  if (fd_ >= 0) ::close(fd_);
-  if (created_ && !appended_) ::unlink(path_.c_str());
+  if (fd_ < 0) return;
+  // Remove the file only if this object made it, still holds the lock (so nobody else can have
+  // appended), nothing was written to it, and the name still leads to it: a run that fails
+  // before its first trial leaves no empty file that would need --resume, and never takes
+  // another process's trials with it.
+  struct stat opened, named;
+  if (created_ && locked_ && !appended_ && fstat(fd_, &opened) == 0 && opened.st_size == 0 &&
+      ::stat(target_.c_str(), &named) == 0 && same_inode(opened, named))
+    ::unlink(target_.c_str());
+  ::close(fd_);  // releases the lock
 }
 
 bool ResultsLog::has(const TrialRecord& unit) const {
@@ -329,7 +408,7 @@ void ResultsLog::append(const TrialRecord& record) {
   keys_.insert(std::move(key));
 }
 
-std::vector<TrialRecord> read_results_file(const std::string& path) {
+std::vector<TrialRecord> read_results_file(const std::string& path, size_t* torn_lines) {
   const int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
   if (fd < 0) {
     throw UserError("cannot open results file '" + path + "': " + errno_text() +
@@ -343,22 +422,83 @@ std::vector<TrialRecord> read_results_file(const std::string& path) {
     throw;
   }
   ::close(fd);
-  return parse_results_text(text, path).records;
+  ParsedResults parsed = parse_results_text(text, path);
+  if (torn_lines) *torn_lines = parsed.dropped_lines;
+  return std::move(parsed.records);
 }
 
-std::vector<TrialRecord> merge_results(const std::vector<std::string>& paths) {
+ResultsFileLock::ResultsFileLock(const std::string& path, bool wait_for_lock) {
+  fd_ = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
+  if (fd_ < 0) return;  // nothing to protect yet
+  try {
+    lock_results_file(fd_, path, wait_for_lock);
+  } catch (...) {
+    ::close(fd_);
+    fd_ = -1;
+    throw;
+  }
+}
+
+ResultsFileLock::~ResultsFileLock() {
+  if (fd_ >= 0) ::close(fd_);
+}
+
+namespace {
+
+// "cim.adc-bits: 10 vs 6": the first setting in which two records' extra["settings"] differ.
+std::string first_difference(const json& a, const json& b, const std::string& where = "") {
+  if (a.is_object() && b.is_object()) {
+    for (const auto& [key, value] : a.items()) {
+      const std::string name = where.empty() ? key : where + "." + key;
+      if (!b.contains(key)) return name + ": " + dump_line(value) + " vs (none)";
+      const std::string inner = first_difference(value, b[key], name);
+      if (!inner.empty()) return inner;
+    }
+    for (const auto& [key, value] : b.items())
+      if (!a.contains(key))
+        return (where.empty() ? key : where + "." + key) + ": (none) vs " + dump_line(value);
+    return "";
+  }
+  return a == b ? "" : where + ": " + dump_line(a) + " vs " + dump_line(b);
+}
+
+}  // namespace
+
+std::vector<TrialRecord> merge_results(const std::vector<std::string>& paths,
+                                       bool allow_mixed_settings) {
   if (paths.empty()) throw UserError("nothing to merge: name the shard results files");
   std::vector<TrialRecord> merged;
   std::unordered_map<std::string, size_t> by_unit;                    // unit key → index
   std::unordered_map<std::string, std::pair<std::string, std::string>> config_of;  // model → hash, file
   std::unordered_map<std::string, size_t> model_order;
+  // The data and CIM settings of the first model (records of older versions carry none).
+  std::string settings_model;
+  json settings;
   for (const std::string& path : paths) {
-    for (TrialRecord& record : read_results_file(path)) {
+    size_t torn = 0;
+    for (TrialRecord& record : read_results_file(path, &torn)) {
       auto [config, new_model] = config_of.emplace(record.model, std::make_pair(record.config_hash, path));
       if (!new_model && config->second.first != record.config_hash)
-        throw UserError("model '" + record.model + "' has results of two configurations ('" +
+        throw UserError("model '" + record.model + "' has results of two configurations (in '" +
                         config->second.second + "' and '" + path +
-                        "'): merge only the shards of one sweep");
+                        "'; a changed σ list, model file, data or CIM option): merge only the "
+                        "shards of one sweep");
+      // extra["data"] and extra["cim"] describe the run (host/evaluate.cpp).
+      if (record.extra.is_object() && record.extra.contains("data") &&
+          record.extra.contains("cim")) {
+        const json mine = {{"data", record.extra["data"]}, {"cim", record.extra["cim"]}};
+        if (settings_model.empty()) {
+          settings_model = record.model;
+          settings = mine;
+        } else if (record.model != settings_model && !allow_mixed_settings) {
+          const std::string difference = first_difference(settings, mine);
+          if (!difference.empty())
+            throw UserError("models '" + settings_model + "' and '" + record.model +
+                            "' were run on different data or CIM settings (" + difference +
+                            "), so one table would compare them unfairly: merge them separately, "
+                            "or pass --force to merge them anyway");
+        }
+      }
       model_order.emplace(record.model, model_order.size());
       const std::string key = unit_key(record);
       auto [it, is_new] = by_unit.emplace(key, merged.size());
@@ -374,7 +514,15 @@ std::vector<TrialRecord> merge_results(const std::vector<std::string>& paths) {
                         " vs " + std::to_string(record.correct) +
                         " correct): they come from different builds or data; rerun that shard");
     }
+    if (torn > 0)
+      std::fprintf(stderr,
+                   "cimsweep: note: '%s' ends in a torn line (a run killed while writing it), "
+                   "dropped: that trial is missing; rerun its shard with --resume\n",
+                   path.c_str());
   }
+  if (merged.empty())
+    throw UserError("the files hold no trial records, so there is no table to make: check that "
+                    "they are the shards' --results files and that the shards ran");
   std::stable_sort(merged.begin(), merged.end(), [&](const TrialRecord& a, const TrialRecord& b) {
     const size_t ma = model_order.at(a.model), mb = model_order.at(b.model);
     if (ma != mb) return ma < mb;
@@ -386,10 +534,10 @@ std::vector<TrialRecord> merge_results(const std::vector<std::string>& paths) {
   return merged;
 }
 
-void write_results_file(const std::string& path, const std::vector<TrialRecord>& records) {
+void write_results_file(const OutputPath& output, const std::vector<TrialRecord>& records) {
   std::string text;
   for (const TrialRecord& record : records) text += dump_line(to_json(record)) + '\n';
-  write_file_atomically(path, text);
+  output.write(text);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -772,30 +920,6 @@ std::string format_table(const std::vector<TableRow>& rows, const std::string& f
   if (format == "csv") return format_csv(rows);
   if (format == "json") return format_json(rows);
   throw UserError("unknown --format '" + format + "': use md, csv or json");
-}
-
-void write_file_atomically(const std::string& path, const std::string& text) {
-  // The temporary sits in the target's directory so that rename() replaces it in one step.
-  std::string temp_path = path + ".tmp-XXXXXX";
-  const int fd = mkstemp(temp_path.data());
-  if (fd < 0) {
-    throw UserError("cannot write '" + path + "': " + errno_text() +
-                    ": check that its directory exists and is writable");
-  }
-  std::string failure;  // strerror of the first step that failed
-  if (fchmod(fd, 0644) != 0 || !write_all(fd, text.data(), text.size()) || fsync(fd) != 0) {
-    failure = errno_text();
-  }
-  if (::close(fd) != 0 && failure.empty()) failure = errno_text();
-  if (failure.empty() && std::rename(temp_path.c_str(), path.c_str()) != 0) {
-    failure = errno_text();
-  }
-  if (!failure.empty()) {
-    ::unlink(temp_path.c_str());
-    throw UserError("cannot write '" + path + "': " + failure +
-                    ": check the path, free disk space and permissions");
-  }
-  sync_directory(parent_directory(path));
 }
 
 }  // namespace cimsweep

@@ -10,6 +10,7 @@
 
 #include <nlohmann/json.hpp>
 
+#include "host/output_file.h"
 #include "host/stats.h"
 
 namespace cimsweep {
@@ -40,14 +41,17 @@ std::string unit_key(const TrialRecord& record);
 // leave a torn last line, which the next resume drops.
 class ResultsLog {
  public:
+  // The file is locked (flock) for this object's lifetime: another writer gets a UserError naming
+  // the holder's pid, or with wait_for_lock waits for it. A symlink is followed to its target.
   // resume == false: the file must not exist or be empty, else UserError.
   // resume == true: reads the existing records; a torn last line (no trailing newline, or not
   // parseable JSON as the last line) is dropped and the file truncated to the last complete line;
   // a corrupt line that is not last is a UserError naming file and line number. Of records with
   // the same unit key the first is kept.
-  ResultsLog(const std::string& path, bool resume);
-  // If this object created the file and nothing was appended, removes it, so that a run that
-  // fails before its first trial leaves no empty file that would need --resume.
+  ResultsLog(const std::string& path, bool resume, bool wait_for_lock = false);
+  // If this object created the file, holds its lock, appended nothing, and the file is still
+  // empty and still the one at the path, removes it, so that a run that fails before its first
+  // trial leaves no empty file that would need --resume (and never removes another's trials).
   ~ResultsLog();
   ResultsLog(const ResultsLog&) = delete;
   ResultsLog& operator=(const ResultsLog&) = delete;
@@ -61,26 +65,44 @@ class ResultsLog {
   const std::string& path() const { return path_; }
 
  private:
-  std::string path_;
+  std::string path_, target_;  // as given; symlinks resolved
   int fd_ = -1;
   bool created_ = false;   // this object created the file
+  bool locked_ = false;    // this object holds the file's lock
   bool appended_ = false;  // at least one record was appended
   std::vector<TrialRecord> existing_;
   std::unordered_set<std::string> keys_;  // unit keys of existing and appended records
   mutable std::mutex mutex_;              // guards fd_ writes, appended_ and keys_
 };
 
-// Reads a results file with the same torn-line rules as ResultsLog, without modifying it.
-std::vector<TrialRecord> read_results_file(const std::string& path);
+// Reads a results file with the same torn-line rules as ResultsLog, without modifying it;
+// torn_lines, if given, receives how many torn last lines were dropped (0 or 1).
+std::vector<TrialRecord> read_results_file(const std::string& path, size_t* torn_lines = nullptr);
+
+// The writer's lock of an existing results file (see ResultsLog), for a writer that replaces the
+// file whole (`merge --results`); nothing when the file does not exist yet.
+class ResultsFileLock {
+ public:
+  ResultsFileLock(const std::string& path, bool wait_for_lock);
+  ~ResultsFileLock();
+  ResultsFileLock(const ResultsFileLock&) = delete;
+  ResultsFileLock& operator=(const ResultsFileLock&) = delete;
+
+ private:
+  int fd_ = -1;
+};
 
 // Merges results files of one sweep (its shards, earlier merges of them): every work unit once,
 // models in first-appearance order, then per model the clean reference, σ ascending, trial
 // ascending — so merging again, or a shard that ran twice, changes nothing. Throws UserError when
-// two files disagree on a unit's result or one model label carries two configurations.
-std::vector<TrialRecord> merge_results(const std::vector<std::string>& paths);
+// two files disagree on a unit's result or one model label carries two configurations, when
+// nothing is left to merge, and (unless allow_mixed_settings) when two models were run on
+// different data or CIM settings (extra["data"], extra["cim"]). A dropped torn last line gets a note.
+std::vector<TrialRecord> merge_results(const std::vector<std::string>& paths,
+                                       bool allow_mixed_settings = false);
 
-// Writes records as a results file (JSON Lines) atomically.
-void write_results_file(const std::string& path, const std::vector<TrialRecord>& records);
+// Writes records as a results file (JSON Lines), atomically where the path is a file.
+void write_results_file(const OutputPath& output, const std::vector<TrialRecord>& records);
 
 // One line of the accuracy table: all trials of one model at one sigma.
 struct TableRow {
@@ -133,9 +155,5 @@ std::vector<TableRow> aggregate(const std::vector<TrialRecord>& records);
 // Where a row has an exit policy, every format adds the policy, MACs/image and exit shares.
 // Throws UserError on any other format.
 std::string format_table(const std::vector<TableRow>& rows, const std::string& format);
-
-// Writes text to path atomically: temp file in the same directory, fsync, rename, so readers
-// never see a half-written table. Throws UserError on failure.
-void write_file_atomically(const std::string& path, const std::string& text);
 
 }  // namespace cimsweep

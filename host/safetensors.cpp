@@ -21,6 +21,7 @@
 #include <nlohmann/json.hpp>
 
 #include "host/errors.h"
+#include "host/output_file.h"
 
 // Tensor bytes in the file are little-endian and are copied straight into host integers/floats.
 static_assert(__BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__,
@@ -462,73 +463,6 @@ Tensor convert(const std::string& path, const TensorEntry& entry, const uint8_t*
   return tensor;
 }
 
-// ---------------------------------------------------------------------------------------------
-// Writing
-
-// Owns the temporary file until it is renamed into place; anything else removes it.
-class TempFile {
- public:
-  TempFile(const std::string& target, const std::string& temp) : target_(target), temp_(temp) {
-    fd_ = ::open(temp_.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0666);
-    if (fd_ < 0) fail("cannot create " + quote_name(temp_));
-  }
-  ~TempFile() {
-    if (fd_ >= 0) ::close(fd_);
-    if (!committed_) ::unlink(temp_.c_str());
-  }
-  TempFile(const TempFile&) = delete;
-  TempFile& operator=(const TempFile&) = delete;
-
-  void write(const void* data, size_t size) {
-    const char* bytes = static_cast<const char*>(data);
-    while (size > 0) {
-      const ssize_t written = ::write(fd_, bytes, size);
-      if (written < 0) {
-        if (errno == EINTR) continue;
-        fail("cannot write " + quote_name(temp_));
-      }
-      bytes += written;
-      size -= static_cast<size_t>(written);
-    }
-  }
-
-  // fsync before rename: otherwise a crash can leave the new name pointing at an empty file.
-  void commit() {
-    if (::fsync(fd_) != 0) fail("cannot flush " + quote_name(temp_));
-    const int fd = fd_;
-    fd_ = -1;
-    if (::close(fd) != 0) fail("cannot close " + quote_name(temp_));
-    if (::rename(temp_.c_str(), target_.c_str()) != 0) {
-      fail("cannot rename " + quote_name(temp_) + " to it");
-    }
-    committed_ = true;
-    sync_parent_directory();
-  }
-
- private:
-  [[noreturn]] void fail(const std::string& step) {
-    const int error = errno;
-    throw UserError("cannot write model file " + quote_name(target_) + ": " + step + ": " +
-                    std::strerror(error) +
-                    "; check that the directory exists, is writable and has free space");
-  }
-
-  // Makes the rename itself durable. Best effort: the file is complete either way.
-  void sync_parent_directory() {
-    std::string directory = std::filesystem::path(target_).parent_path().string();
-    if (directory.empty()) directory = ".";
-    const int fd = ::open(directory.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC);
-    if (fd < 0) return;
-    ::fsync(fd);
-    ::close(fd);
-  }
-
-  std::string target_;
-  std::string temp_;
-  int fd_ = -1;
-  bool committed_ = false;
-};
-
 }  // namespace
 
 SafetensorsFile read_safetensors(const std::string& path) {
@@ -627,7 +561,8 @@ void write_safetensors(const std::string& path, const std::map<std::string, Tens
   header_text.append((kDataAlignment - header_text.size() % kDataAlignment) % kDataAlignment, ' ');
   const uint64_t header_size = header_text.size();
 
-  TempFile file(path, path + ".tmp." + std::to_string(::getpid()));
+  const OutputPath output(path, "model file");
+  OutputWriter file(output);
   file.write(&header_size, sizeof header_size);
   file.write(header_text.data(), header_text.size());
   for (const auto& [name, tensor] : tensors) {

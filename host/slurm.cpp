@@ -15,7 +15,10 @@
 
 #include <CLI/CLI.hpp>
 
+#include <nlohmann/json.hpp>
+
 #include "host/errors.h"
+#include "host/output_file.h"
 #include "host/results.h"
 #include "host/run_command.h"
 #include "host/sweep.h"
@@ -90,20 +93,6 @@ std::string job_name_from(const std::string& sweep_name) {
   return name.empty() ? "sweep" : name;
 }
 
-std::vector<double> parse_sigmas(const std::string& text) {
-  std::vector<double> sigmas;
-  std::stringstream ss(text);
-  for (std::string item; std::getline(ss, item, ',');) {
-    char* end = nullptr;
-    const double value = std::strtod(item.c_str(), &end);
-    if (item.empty() || *end != '\0')
-      throw UserError("--sigmas '" + text + "' has a value that is not a number ('" + item +
-                      "'): use e.g. --sigmas 0,0.05,0.1");
-    sigmas.push_back(value);
-  }
-  return sigmas;
-}
-
 std::string round_trip_number(double value) {
   return nlohmann::json(value).dump();
 }
@@ -121,7 +110,7 @@ SweepPlan check_sweep(const SlurmOptions& o) {
   if (o.trials >= 0) plan.trials = o.trials;
   if (o.first_trial >= 0) plan.first_trial = o.first_trial;
   if (o.no_clean) plan.clean_reference = false;
-  if (!o.sigmas.empty()) plan.sigmas = parse_sigmas(o.sigmas);
+  if (!o.sigmas.empty()) plan.sigmas = parse_sigma_list(o.sigmas, "--sigmas");
   if (o.trials == 0) throw UserError("--trials must be at least 1");
   if (o.ci_width < 0) throw UserError("--ci-width must be a half-width in points > 0");
   if (o.ci_width > 0 && o.trials >= 0)
@@ -135,6 +124,7 @@ SweepPlan check_sweep(const SlurmOptions& o) {
   if (o.threads < 0) throw UserError("--threads must be at least 1 (or leave it out: all cores)");
   if (!o.backend.empty() && o.backend != "auto" && o.backend != "cpu" && o.backend != "cuda")
     throw UserError("unknown --backend '" + o.backend + "': use auto, cpu or cuda");
+  tidy_sigmas(plan);
   validate_plan(plan);
   for (const SweepModel& model : plan.models) {
     if (!fs::exists(model.path))
@@ -395,17 +385,27 @@ SlurmJob plan_slurm_job(const SlurmOptions& options) {
       (script.parent_path() / (script.stem().string() + "-merge" + script.extension().string()))
           .string();
 
-  // Shard files of a former run with more shards would be merged into this run's table.
-  if (o.only_tasks.empty() && fs::is_directory(o.results_dir)) {
+  // Shard files of a former run with more shards, or with σ values this sweep does not run,
+  // would be merged into this run's table.
+  if (fs::is_directory(o.results_dir)) {
     static const std::regex shard_file(R"(shard-(\d+)\.jsonl)");
     for (const auto& entry : fs::directory_iterator(o.results_dir)) {
       std::smatch m;
       const std::string file = entry.path().filename().string();
-      if (std::regex_match(file, m, shard_file) && m[1].str().size() < 7 &&
-          std::stoi(m[1].str()) >= o.shards) {
+      if (!std::regex_match(file, m, shard_file)) continue;
+      if (o.only_tasks.empty() && (m[1].str().size() >= 7 || std::stoi(m[1].str()) >= o.shards)) {
         throw UserError("--results-dir " + o.results_dir + " holds " + file +
                         " of a run with more than " + std::to_string(o.shards) +
                         " shards, which the merge would mix in: choose a fresh --results-dir");
+      }
+      for (const TrialRecord& record : read_results_file(entry.path().string())) {
+        if (record.trial < 0 ||
+            std::find(plan.sigmas.begin(), plan.sigmas.end(), record.sigma) != plan.sigmas.end())
+          continue;
+        throw UserError("--results-dir " + o.results_dir + " holds " + file +
+                        " with trials at σ = " + nlohmann::json(record.sigma).dump() +
+                        ", which this sweep does not run (another --sigmas?): the merge would mix "
+                        "them in; choose a fresh --results-dir");
       }
     }
   }
@@ -531,8 +531,8 @@ int run_slurm(SlurmOptions options, std::ostream& out) {
   }
   const SlurmJob job = plan_slurm_job(options);
   const SlurmOptions& o = job.options;
-  write_file_atomically(job.array_script_path, array_script(job));
-  write_file_atomically(job.merge_script_path, merge_script(job));
+  write_output_file(job.array_script_path, array_script(job), "Slurm script");
+  write_output_file(job.merge_script_path, merge_script(job), "Slurm script");
   const std::string tasks =
       o.only_tasks.empty()
           ? (o.shards == 1 ? "task 0" : "tasks 0-" + std::to_string(o.shards - 1))

@@ -43,7 +43,12 @@ Dataset load_plan_data(const SweepPlan& plan, size_t calibration_images,
     calibration.emplace(std::move(split.calibration));
     data = std::move(split.evaluation);
   }
-  if (plan.limit > 0) {
+  if (plan.limit > data.size())
+    std::fprintf(stderr,
+                 "cimsweep: note: --limit %zu is more than the %zu images of %s: all of them are "
+                 "used\n",
+                 plan.limit, data.size(), data.description.c_str());
+  if (plan.limit > 0 && plan.limit < data.size()) {
     Dataset subset = balanced_subset(data, plan.limit);
     subset.description += " (class-balanced " + std::to_string(subset.size()) + " images)";
     return subset;
@@ -104,10 +109,20 @@ std::vector<TrialRecord> run_sweep(const SweepPlan& plan, const SweepOptions& op
   options.exit_policy.validate();
   const bool calibrating = !options.exit_policy.policy.empty() &&
                            parse_exit_policy(options.exit_policy.policy).needs_calibration();
-  if (calibrating && plan.first_trial + plan.trial_count_cap() > int64_t(kCalibrationFirstTrial))
-    throw UserError("evaluation trials must stay below " + std::to_string(kCalibrationFirstTrial) +
-                    ", where the calibration chips begin: lower --first-trial or --trials "
-                    "(--max-trials with --ci-width)");
+  // The shard's work units are planned (and kept) in memory; a sweep too big for that is one
+  // for more shards, and saying so beats running out of memory half-way through planning.
+  // (validate_plan keeps every trial number below the calibration chips' 2^30.)
+  const int64_t units_per_model =
+      (plan.clean_reference ? 1 : 0) + int64_t(plan.sigmas.size()) * int64_t(plan.trials);
+  const int64_t total_units = units_per_model * int64_t(plan.models.size());
+  const int64_t shard_units =
+      total_units / options.shard_count + (options.shard_index < total_units % options.shard_count);
+  if (!plan.adaptive() && shard_units > kMaxUnitsPerRun)
+    throw UserError("this run has " + std::to_string(shard_units) + " work units (models × σ × " +
+                    "trials), more than the " + std::to_string(kMaxUnitsPerRun) +
+                    " one run plans: split it with --shard I/N, N ≥ " +
+                    std::to_string((total_units + kMaxUnitsPerRun - 1) / kMaxUnitsPerRun) +
+                    ", or run fewer --trials");
   std::optional<CalibrationImages> calibration;
   const Dataset data =
       load_plan_data(plan, calibrating ? options.exit_policy.calibration_images : 0, calibration);
@@ -124,6 +139,11 @@ std::vector<TrialRecord> run_sweep(const SweepPlan& plan, const SweepOptions& op
       loaded = load_blockdrop(std::move(loaded), options.policy_on_cim, blockdrops[m]);
     models.push_back(std::move(loaded));
   }
+  if (options.policy_on_cim &&
+      std::none_of(blockdrops.begin(), blockdrops.end(), [](const auto& b) { return bool(b); }))
+    std::fprintf(stderr,
+                 "cimsweep: note: --policy-on-cim has no effect: no model of this run is a "
+                 "BlockDrop policy file (train-blockdrop writes those)\n");
 
   // One policy per model (calibrated below, once its trials are known to be needed).
   std::vector<std::shared_ptr<ExitPolicy>> policies(models.size());
@@ -146,11 +166,12 @@ std::vector<TrialRecord> run_sweep(const SweepPlan& plan, const SweepOptions& op
         std::make_unique<TrialRunner>(models[m], data, plan.cim, plan.models[m].label, workers[0]));
     runners[0][m]->set_exit_policy(policies[m]);
     runners[0][m]->set_blockdrop(blockdrops[m]);
+    runners[0][m]->set_sweep_sigmas(plan.sigmas);
   }
 
   std::unique_ptr<ResultsLog> log;
   if (!options.results_path.empty())
-    log = std::make_unique<ResultsLog>(options.results_path, options.resume);
+    log = std::make_unique<ResultsLog>(options.results_path, options.resume, options.wait_for_lock);
   // The finished trials of the results file by unit key (its records are already one per unit).
   std::unordered_map<std::string, const TrialRecord*> finished;
   if (log)
@@ -238,6 +259,7 @@ std::vector<TrialRecord> run_sweep(const SweepPlan& plan, const SweepOptions& op
                                               plan.models[unit.model].label, workers[size_t(w)]);
             runner_slot->set_exit_policy(policies[unit.model]);
             runner_slot->set_blockdrop(blockdrops[unit.model]);
+            runner_slot->set_sweep_sigmas(plan.sigmas);
           }
           TrialRunner& runner = *runner_slot;
           const std::string what = plan.models[unit.model].label +
@@ -276,23 +298,28 @@ std::vector<TrialRecord> run_sweep(const SweepPlan& plan, const SweepOptions& op
 
   if (!plan.adaptive()) {
     // Work units in a fixed order: per model its clean reference, then σ-major, trial-minor. The
-    // shard is chosen by position in this order, so it is the same on every node.
+    // shard is chosen by position in this order, so it is the same on every node. Only this
+    // shard's positions are visited (every shard_count-th), decoded arithmetically: planning
+    // costs the shard's units, not the whole sweep's.
     std::vector<Unit> units;
-    size_t position = 0;
-    for (size_t m = 0; m < models.size(); ++m) {
-      std::vector<Unit> model_units;
-      if (plan.clean_reference) model_units.push_back({m, 0.0, -1});
-      for (double sigma : plan.sigmas)
-        for (int t = plan.first_trial; t < plan.first_trial + plan.trials; ++t)
-          model_units.push_back({m, sigma, t});
-      for (const Unit& unit : model_units)
-        if (int(position++ % size_t(options.shard_count)) == options.shard_index)
-          units.push_back(unit);
+    units.reserve(size_t(shard_units));
+    const int64_t clean_units = plan.clean_reference ? 1 : 0;
+    for (int64_t position = options.shard_index; position < total_units;
+         position += options.shard_count) {
+      const size_t m = size_t(position / units_per_model);
+      const int64_t local = position % units_per_model;
+      Unit unit{m, 0.0, -1};
+      if (local >= clean_units) {
+        const int64_t index = local - clean_units;
+        unit.sigma = plan.sigmas[size_t(index / plan.trials)];
+        unit.trial = int(plan.first_trial + index % plan.trials);
+      }
+      units.push_back(unit);
     }
     if (options.shard_count > 1 && units.empty())
       std::fprintf(stderr,
-                   "cimsweep: shard %d/%d has no work units (the sweep has %zu): nothing to do\n",
-                   options.shard_index, options.shard_count, position);
+                   "cimsweep: shard %d/%d has no work units (the sweep has %lld): nothing to do\n",
+                   options.shard_index, options.shard_count, (long long)total_units);
     return run_units(units);
   }
 

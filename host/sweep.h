@@ -1,6 +1,7 @@
 // Runs a sweep plan: every (model, σ, trial) work unit not already in the results file, appending
 // each finished trial durably, then aggregates the records of this configuration into a table.
 #pragma once
+#include <cstdint>
 #include <functional>
 #include <string>
 #include <vector>
@@ -12,9 +13,13 @@
 
 namespace cimsweep {
 
+// The most work units one run (one shard) plans; more is a sweep for more shards.
+constexpr int64_t kMaxUnitsPerRun = int64_t(1) << 21;
+
 struct SweepOptions {
   std::string results_path;   // JSON Lines; empty: keep results in memory only
   bool resume = false;        // reuse the trials already in results_path
+  bool wait_for_lock = false;  // another writer holds results_path: wait instead of an error
   bool show_progress = true;  // progress line on a terminal
   // Deterministic share: work unit number u (in plan order, over all models) belongs to shard
   // u mod shard_count; with the stopping rule (plan.ci_width) whole cells are shared out instead,

@@ -1,14 +1,20 @@
 #include "host/sweep_spec.h"
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstdio>
 #include <utility>
 #include <filesystem>
 #include <set>
+#include <sstream>
+
+#include <nlohmann/json.hpp>
 
 #include <toml++/toml.h>
 
 #include "host/errors.h"
+#include "host/exit_policy.h"
 #include "host/results.h"
 
 namespace cimsweep {
@@ -116,6 +122,8 @@ SweepPlan read_sweep_spec(const std::string& path) {
     for (const auto& s : *sigmas) {
       auto v = s.value<double>();
       if (!v) fail("sigmas must hold numbers only");
+      const std::string problem = sigma_problem(*v);
+      if (!problem.empty()) fail("sigmas: " + problem);
       plan.sigmas.push_back(*v);
     }
   }
@@ -146,6 +154,50 @@ SweepPlan read_sweep_spec(const std::string& path) {
   return plan;
 }
 
+std::string sigma_problem(double sigma) {
+  if (std::isfinite(sigma) && sigma >= 0 && sigma <= kMaxSigma) return "";
+  const std::string shown = std::isnan(sigma) ? "nan" : nlohmann::json(sigma).dump();
+  if (std::isfinite(sigma) && sigma > kMaxSigma)
+    return "σ = " + shown + " is beyond " + std::to_string(int(kMaxSigma)) +
+           " (a cell's conductance varies by σ × 100 %, so every chip is noise): use σ from 0 to " +
+           "about 1";
+  return "σ = " + shown + " is impossible: σ must be a finite number ≥ 0";
+}
+
+std::vector<double> parse_sigma_list(const std::string& text, const std::string& option) {
+  std::vector<double> sigmas;
+  std::stringstream ss(text);
+  std::string item;
+  while (std::getline(ss, item, ',')) {
+    char* end = nullptr;
+    const double v = std::strtod(item.c_str(), &end);
+    if (item.empty() || *end != '\0')
+      throw UserError(option + " '" + text + "' has a value that is not a number ('" + item +
+                      "'): use e.g. --sigmas 0,0.05,0.1");
+    sigmas.push_back(v);
+  }
+  if (sigmas.empty()) throw UserError(option + " is empty: use e.g. --sigmas 0,0.05,0.1");
+  return sigmas;
+}
+
+void tidy_sigmas(SweepPlan& plan) {
+  std::vector<double> unique;
+  for (double sigma : plan.sigmas) {
+    const auto copies = std::count(plan.sigmas.begin(), plan.sigmas.end(), sigma);
+    if (std::find(unique.begin(), unique.end(), sigma) != unique.end()) continue;
+    unique.push_back(sigma);
+    if (copies > 1)
+      std::fprintf(stderr, "cimsweep: note: σ = %s is listed %d times; it runs once\n",
+                   nlohmann::json(sigma).dump().c_str(), int(copies));
+    if (sigma > 1 && sigma <= kMaxSigma)
+      std::fprintf(stderr,
+                   "cimsweep: note: σ = %s is above 1: conductances vary by more than their own "
+                   "value, far beyond any device studied\n",
+                   nlohmann::json(sigma).dump().c_str());
+  }
+  plan.sigmas = std::move(unique);
+}
+
 void validate_plan(const SweepPlan& plan) {
   if (plan.models.empty())
     throw UserError("no model to run: give a model file (or [[models]] in the sweep file)");
@@ -155,9 +207,10 @@ void validate_plan(const SweepPlan& plan) {
       throw UserError("two models share the label '" + m.label + "': give each a distinct label");
   if (plan.sigmas.empty())
     throw UserError("no σ to run: give --sigma or --sigmas (e.g. 0,0.05,0.1)");
-  for (double s : plan.sigmas)
-    if (!(s >= 0) || !std::isfinite(s))
-      throw UserError("σ = " + std::to_string(s) + " is impossible: σ must be a finite number ≥ 0");
+  for (double s : plan.sigmas) {
+    const std::string problem = sigma_problem(s);
+    if (!problem.empty()) throw UserError(problem);
+  }
   if (plan.trials < 1) throw UserError("--trials must be at least 1");
   if (plan.first_trial < 0) throw UserError("--first-trial must be ≥ 0");
   if (plan.ci_width < 0 || !std::isfinite(plan.ci_width))
@@ -170,8 +223,15 @@ void validate_plan(const SweepPlan& plan) {
       throw UserError("--max-trials (" + std::to_string(plan.max_trials) +
                       ") must be at least --min-trials (" + std::to_string(plan.min_trials) + ")");
   }
-  if (int64_t(plan.first_trial) + plan.trial_count_cap() > int64_t(INT32_MAX))
-    throw UserError("--first-trial plus the number of trials must stay below 2147483648");
+  // 64-bit sum: first_trial + trials overflows an int near 2^31 (and used to wrap silently).
+  const int64_t end = int64_t(plan.first_trial) + plan.trial_count_cap();
+  if (end > int64_t(kCalibrationFirstTrial))
+    throw UserError("--first-trial " + std::to_string(plan.first_trial) + " with " +
+                    (plan.adaptive() ? "--max-trials " : "--trials ") +
+                    std::to_string(plan.trial_count_cap()) + " reaches trial " +
+                    std::to_string(end - 1) + ", but trials stop below 2^30 = " +
+                    std::to_string(kCalibrationFirstTrial) +
+                    " (where the calibration chips begin): lower --first-trial or the trials");
   if (plan.split != "test" && plan.split != "train")
     throw UserError("unknown --split '" + plan.split + "': use test or train");
   plan.cim.validate();

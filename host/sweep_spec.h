@@ -43,8 +43,19 @@ struct SweepPlan {
 // their command-line names), [[models]] with path and optional label. UserError on anything else.
 SweepPlan read_sweep_spec(const std::string& path);
 
-// Checks a plan is runnable (models, σ ≥ 0, trials ≥ 1, CIM parameters): UserError otherwise.
+// Checks a plan is runnable (models, σ in [0, kMaxSigma], trials ≥ 1 and below the calibration
+// chips' 2^30, CIM parameters): UserError otherwise.
 void validate_plan(const SweepPlan& plan);
+
+// σ above this is refused: the conductances would be noise, and large values overflow.
+constexpr double kMaxSigma = 100;
+// What is wrong with a σ (negative, NaN, infinite, above kMaxSigma), or "" when it is fine.
+std::string sigma_problem(double sigma);
+// "0,0.05,0.1" → {0, 0.05, 0.1}; UserError naming `option` on anything else.
+std::vector<double> parse_sigma_list(const std::string& text, const std::string& option);
+// Removes repeated σ values (keeping the first, with a note: each would run and be written
+// again) and notes σ above 1.
+void tidy_sigmas(SweepPlan& plan);
 
 std::string default_label(const std::string& model_path);
 

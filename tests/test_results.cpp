@@ -755,34 +755,5 @@ TEST(FormatTable, UnknownFormatAndEmptyTable) {
   EXPECT_EQ(split(format_table({}, "csv"), '\n').size(), 2u);  // header only
 }
 
-// ---------------------------------------------------------------------------------------------
-// write_file_atomically
-
-TEST(WriteFileAtomically, ReplacesContentAndLeavesNoTemporaries) {
-  TempDir dir;
-  const std::string path = dir.file("table.md");
-  write_file_atomically(path, "first\n");
-  EXPECT_EQ(read_text(path), "first\n");
-  write_file_atomically(path, "second, longer\n");
-  EXPECT_EQ(read_text(path), "second, longer\n");
-  size_t entries = 0;
-  for (const auto& entry : std::filesystem::directory_iterator(dir.path())) {
-    (void)entry;
-    ++entries;
-  }
-  EXPECT_EQ(entries, 1u);
-
-  EXPECT_THROW(write_file_atomically(dir.file("missing/table.md"), "x"), UserError);
-  // A directory in the way: the rename fails and the temporary is cleaned up.
-  std::filesystem::create_directory(dir.file("occupied"));
-  EXPECT_THROW(write_file_atomically(dir.file("occupied"), "x"), UserError);
-  entries = 0;
-  for (const auto& entry : std::filesystem::directory_iterator(dir.path())) {
-    (void)entry;
-    ++entries;
-  }
-  EXPECT_EQ(entries, 2u);
-}
-
 }  // namespace
 }  // namespace cimsweep

@@ -388,6 +388,79 @@ TEST_F(Cluster, KilledAgainAndAgainThenResumedLosesAndRepeatsNothing) {
     EXPECT_TRUE(keys.insert(cimsweep::unit_key(record)).second) << "twice: " << line;
   }
   EXPECT_EQ(raw.size(), 51u);  // clean + 2 σ × 25 trials
+  // Runs killed while writing the table left temporaries; the finishing run removed them.
+  for (const auto& entry : std::filesystem::directory_iterator(dir.path()))
+    EXPECT_EQ(entry.path().filename().string().find("table.csv.tmp-"), std::string::npos)
+        << entry.path();
+}
+
+// Starts cimsweep with stdout and stderr into files; returns the pid.
+pid_t spawn_cimsweep_into(const std::vector<std::string>& args, const std::string& out,
+                          const std::string& err) {
+  std::vector<std::string> argv_text = {CIMSWEEP_BINARY};
+  argv_text.insert(argv_text.end(), args.begin(), args.end());
+  std::vector<char*> argv;
+  for (auto& a : argv_text) argv.push_back(a.data());
+  argv.push_back(nullptr);
+  posix_spawn_file_actions_t actions;
+  posix_spawn_file_actions_init(&actions);
+  posix_spawn_file_actions_addopen(&actions, 1, out.c_str(), O_WRONLY | O_CREAT | O_TRUNC, 0644);
+  posix_spawn_file_actions_addopen(&actions, 2, err.c_str(), O_WRONLY | O_CREAT | O_TRUNC, 0644);
+  pid_t pid = -1;
+  const int rc = posix_spawn(&pid, argv[0], &actions, nullptr, argv.data(), environ);
+  posix_spawn_file_actions_destroy(&actions);
+  return rc == 0 ? pid : -1;
+}
+
+// Two writers started together on one results file (issue 13, rows 4 and 5): with
+// --wait-for-lock both finish, the second resuming what the first wrote; without it the second
+// stops at once naming the first's pid. Either way every unit is in the file exactly once and
+// both tables equal the single run's.
+TEST_F(Cluster, TwoConcurrentWritersOnOneFileNeitherDuplicateNorLose) {
+  const std::string sweep_args = "sweep " + common + " --threads 1 --sigmas 0.05,0.1 --trials 3";
+  const auto whole = run_cimsweep(sweep_args);
+  ASSERT_EQ(whole.exit_code, 0) << whole.err;
+  for (int round = 0; round < 4; ++round) {
+    const bool wait = round % 2 == 0;
+    const std::string file = dir.file("shared" + std::to_string(round) + ".jsonl");
+    std::vector<std::string> args = {"sweep",     kModel,  "--data",   dir.path(), "--quiet",
+                                     "--batch",   "16",    "--format", "csv",      "--threads",
+                                     "1",         "--sigmas", "0.05,0.1", "--trials", "3",
+                                     "--results", file,    "--resume"};
+    if (wait) args.push_back("--wait-for-lock");
+    pid_t pids[2];
+    for (int w = 0; w < 2; ++w) {
+      pids[w] = spawn_cimsweep_into(args, dir.file("out" + std::to_string(w)),
+                                    dir.file("err" + std::to_string(w)));
+      ASSERT_GT(pids[w], 0);
+    }
+    int succeeded = 0;
+    for (int w = 0; w < 2; ++w) {
+      int status = 0;
+      waitpid(pids[w], &status, 0);
+      ASSERT_TRUE(WIFEXITED(status));
+      const std::string err = read_text(dir.file("err" + std::to_string(w)));
+      if (WEXITSTATUS(status) == 0) {
+        ++succeeded;
+        EXPECT_EQ(read_text(dir.file("out" + std::to_string(w))), whole.out) << "round " << round;
+      } else {
+        EXPECT_FALSE(wait) << err;
+        EXPECT_EQ(WEXITSTATUS(status), 2) << err;
+        EXPECT_NE(err.find("is being written by another cimsweep (pid " +
+                           std::to_string(pids[1 - w]) + ")"),
+                  std::string::npos)
+            << err;
+      }
+    }
+    EXPECT_GE(succeeded, wait ? 2 : 1);
+    std::set<std::string> keys;
+    const auto lines = split_lines(read_text(file));
+    for (const auto& line : lines) {
+      const auto record = cimsweep::trial_from_json(nlohmann::json::parse(line));
+      EXPECT_TRUE(keys.insert(cimsweep::unit_key(record)).second) << "twice: " << line;
+    }
+    EXPECT_EQ(lines.size(), 7u) << "round " << round;  // clean + 2 σ × 3 trials
+  }
 }
 
 }  // namespace

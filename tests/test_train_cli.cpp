@@ -105,7 +105,7 @@ TEST(TrainCli, DataMismatchesGiveOneLineErrors) {
 
   r = run_cimsweep(tiny(four, dir.file("no/such/dir/x.safetensors")) + " --epochs 1");
   EXPECT_EQ(r.exit_code, 2) << r.err;
-  EXPECT_NE(r.err.find("does not exist; create it first"), std::string::npos) << r.err;
+  EXPECT_NE(r.err.find("does not exist: create it or choose another path"), std::string::npos) << r.err;
 }
 
 TEST(TrainCli, WritesAModelThatEvalAndInfoRead) {

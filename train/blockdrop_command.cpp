@@ -11,6 +11,7 @@
 
 #include "host/dataset.h"
 #include "host/errors.h"
+#include "host/output_file.h"
 #include "host/sweep.h"
 #include "train/blockdrop.h"
 
@@ -118,12 +119,8 @@ int BlockDropCommand::run(int argc, char** argv) {
   }
   if (s.sigma_aware) s.cim.validate();
   validate_blockdrop_settings(s);
-  const std::filesystem::path output(o.output);
-  const std::filesystem::path parent =
-      output.has_parent_path() ? output.parent_path() : std::filesystem::path(".");
-  if (!std::filesystem::is_directory(parent))
-    throw UserError("--output '" + o.output + "': directory '" + parent.string() +
-                    "' does not exist: create it first");
+  // Fail before hours of training, not after: the output must be writable (and no directory).
+  (void)OutputPath(o.output, "--output");
   if (o.threads > 0) omp_set_num_threads(o.threads);
   if (s.sigma_aware) {
     const BackendResolution resolved = resolve_backend(o.backend, o.device);

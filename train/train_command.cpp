@@ -11,6 +11,7 @@
 
 #include "host/dataset.h"
 #include "host/errors.h"
+#include "host/output_file.h"
 #include "host/sweep.h"
 #include "train/trainer.h"
 
@@ -160,13 +161,8 @@ int TrainCommand::run(int argc, char** argv) {
   if (o.threads < 0) throw UserError("--threads must be at least 1 (or leave it out: all cores)");
   s.command_line = quoted_command_line(argc, argv);
   validate_settings(s);
-  // Fail before hours of training, not after: the output's directory must exist.
-  const std::filesystem::path output(o.output);
-  const std::filesystem::path parent =
-      output.has_parent_path() ? output.parent_path() : std::filesystem::path(".");
-  if (!std::filesystem::is_directory(parent))
-    throw UserError("--output '" + o.output + "': directory '" + parent.string() +
-                    "' does not exist; create it first");
+  // Fail before hours of training, not after: the output must be writable (and no directory).
+  (void)OutputPath(o.output, "--output");
   if (o.threads > 0) omp_set_num_threads(o.threads);
 
   const bool default_data = o.data.empty();
