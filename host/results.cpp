@@ -480,7 +480,8 @@ std::vector<TrialRecord> merge_results(const std::vector<std::string>& paths,
       auto [config, new_model] = config_of.emplace(record.model, std::make_pair(record.config_hash, path));
       if (!new_model && config->second.first != record.config_hash)
         throw UserError("model '" + record.model + "' has results of two configurations (in '" +
-                        config->second.second + "' and '" + path +
+                        config->second.second +
+                        (config->second.second == path ? "" : "' and '" + path) +
                         "'; a changed σ list, model file, data or CIM option): merge only the "
                         "shards of one sweep");
       // extra["data"] and extra["cim"] describe the run (host/evaluate.cpp).

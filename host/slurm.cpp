@@ -398,6 +398,7 @@ SlurmJob plan_slurm_job(const SlurmOptions& options) {
                         " of a run with more than " + std::to_string(o.shards) +
                         " shards, which the merge would mix in: choose a fresh --results-dir");
       }
+      if (!entry.is_regular_file()) continue;  // the task will say what is wrong with it
       for (const TrialRecord& record : read_results_file(entry.path().string())) {
         if (record.trial < 0 ||
             std::find(plan.sigmas.begin(), plan.sigmas.end(), record.sigma) != plan.sigmas.end())

@@ -31,14 +31,7 @@ using testing::TempDir;
 using testing::write_text;
 namespace fs = std::filesystem;
 
-std::string user_error_of(const std::function<void()>& f) {
-  try {
-    f();
-  } catch (const UserError& e) {
-    return e.what();
-  }
-  return "";
-}
+using testing::user_error;
 
 std::vector<std::string> entries_of(const std::string& directory) {
   std::vector<std::string> names;
@@ -73,16 +66,16 @@ TEST(OutputFile, RegularFileIsReplacedAtomicallyKeepingItsMode) {
 // Row 8: a missing or unwritable directory is found when the OutputPath is made, before work.
 TEST(OutputFile, UnwritableLocationsAreRefusedUpFront) {
   TempDir dir;
-  EXPECT_NE(user_error_of([&] { OutputPath(dir.file("nodir/t.md"), "--output"); })
+  EXPECT_NE(user_error([&] { OutputPath(dir.file("nodir/t.md"), "--output"); })
                 .find("directory '" + dir.file("nodir") + "' does not exist"),
             std::string::npos);
   fs::create_directory(dir.file("sub"));
-  EXPECT_NE(user_error_of([&] { OutputPath(dir.file("sub"), "--output"); }).find("is a directory"),
+  EXPECT_NE(user_error([&] { OutputPath(dir.file("sub"), "--output"); }).find("is a directory"),
             std::string::npos);
   if (geteuid() != 0) {  // root writes into read-only directories anyway
     fs::create_directory(dir.file("ro"));
     chmod(dir.file("ro").c_str(), 0555);
-    EXPECT_NE(user_error_of([&] { OutputPath(dir.file("ro/t.md"), "--output"); })
+    EXPECT_NE(user_error([&] { OutputPath(dir.file("ro/t.md"), "--output"); })
                   .find("cannot create files in"),
               std::string::npos);
     chmod(dir.file("ro").c_str(), 0755);
@@ -104,7 +97,7 @@ TEST(OutputFile, SymlinkIsFollowedAndStaysALink) {
   EXPECT_EQ(read_text(dir.file("later.md")), "made\n");
   fs::create_symlink("loop2", dir.file("loop1"));
   fs::create_symlink("loop1", dir.file("loop2"));
-  EXPECT_NE(user_error_of([&] { OutputPath(dir.file("loop1"), "--output"); }).find("loop"),
+  EXPECT_NE(user_error([&] { OutputPath(dir.file("loop1"), "--output"); }).find("loop"),
             std::string::npos);
 }
 
@@ -144,7 +137,7 @@ TEST(OutputFile, DescriptorLinkIsAStreamAndAFailedWriteIsAnError) {
   // The reader gone: the write fails (EPIPE) and says so.
   close(fds[0]);
   signal(SIGPIPE, SIG_IGN);
-  EXPECT_NE(user_error_of([&] { output.write("more\n"); }).find("cannot write --output"),
+  EXPECT_NE(user_error([&] { output.write("more\n"); }).find("cannot write --output"),
             std::string::npos);
   signal(SIGPIPE, SIG_DFL);
   close(fds[1]);
@@ -158,16 +151,16 @@ TEST(OutputFile, SameFileIsRefusedByIdentity) {
   fs::create_symlink("r.jsonl", dir.file("soft.jsonl"));
   for (const std::string& other : {dir.file("hard.jsonl"), dir.file("soft.jsonl"),
                                    dir.path() + "/./r.jsonl"})
-    EXPECT_NE(user_error_of([&] {
+    EXPECT_NE(user_error([&] {
                 refuse_same_file(dir.file("r.jsonl"), "--output", other, "--results");
               }).find("is the same file as --results"),
               std::string::npos)
         << other;
-  EXPECT_NE(user_error_of([&] {
+  EXPECT_NE(user_error([&] {
               refuse_same_file(dir.file("new.md"), "--output", dir.path() + "//new.md", "--results");
             }),
             "");
-  EXPECT_EQ(user_error_of([&] {
+  EXPECT_EQ(user_error([&] {
               refuse_same_file(dir.file("r.jsonl"), "--output", dir.file("other.md"), "--results");
             }),
             "");
@@ -226,7 +219,7 @@ TEST(ResultsLock, SecondWriterGetsTheHoldersPid) {
   const std::string path = dir.file("r.jsonl");
   ResultsLog first(path, false);
   first.append(record(0));
-  const std::string message = user_error_of([&] { ResultsLog second(path, true); });
+  const std::string message = user_error([&] { ResultsLog second(path, true); });
   EXPECT_NE(message.find("is being written by another cimsweep (pid " + std::to_string(getpid())),
             std::string::npos)
       << message;

@@ -30,15 +30,7 @@ using cimsweep::testing::write_text;
 const std::string kModel = std::string(CIMSWEEP_SOURCE_DIR) +
                            "/tests/data/golden_resnet8_k5_w3_11x13_shortcutB_exits.safetensors";
 
-// The message of the UserError that `action` throws, or "" when it throws none.
-std::string user_error(const std::function<void()>& action) {
-  try {
-    action();
-  } catch (const UserError& e) {
-    return e.what();
-  }
-  return "";
-}
+using cimsweep::testing::user_error;
 
 bool has_line(const std::string& text, const std::string& line) {
   for (const std::string& l : split_lines(text))

@@ -11,6 +11,8 @@
 #include <sstream>
 #include <stdexcept>
 
+#include "host/errors.h"
+
 namespace cimsweep::testing {
 
 TempDir::TempDir() {
@@ -31,6 +33,15 @@ uint32_t test_seed(uint32_t default_seed) {
     seed = uint32_t(std::strtoul(env, nullptr, 0));
   std::cout << "[ seed     ] " << seed << " (set CIMSWEEP_TEST_SEED to replay)" << std::endl;
   return seed;
+}
+
+std::string user_error(const std::function<void()>& action) {
+  try {
+    action();
+  } catch (const UserError& e) {
+    return e.what();
+  }
+  return "";
 }
 
 std::string read_text(const std::string& path) {

@@ -1,6 +1,7 @@
 // Shared test helpers: a scratch directory removed at the end, printed seeds, running the CLI.
 #pragma once
 #include <cstdint>
+#include <functional>
 #include <random>
 #include <string>
 #include <vector>
@@ -31,6 +32,9 @@ struct CommandResult {
 };
 // Runs the cimsweep binary built with the tests, with `args` passed through the shell.
 CommandResult run_cimsweep(const std::string& args);
+
+// The message of the UserError that `action` throws, or "" when it throws none.
+std::string user_error(const std::function<void()>& action);
 
 std::string read_text(const std::string& path);
 // The lines of a text, without their newlines.
