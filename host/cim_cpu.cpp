@@ -785,11 +785,16 @@ double lookup_layer(const ReadContext& ctx, const QuantisedLayer& layer,
   for (int s = 0; s < layer.subarrays(); ++s)
     max_groups = std::max(
         max_groups, cim::lookup_groups(layer.subarray_begin[s + 1] - layer.subarray_begin[s]));
-  auto scratch = [&](std::vector<uint8_t>& patterns, std::vector<float>& p,
-                     std::vector<double>& tile_acc) {
-    patterns.resize(size_t(input_bits) * max_groups * kTile);
-    p.resize(size_t(kTile) * stride);
-    tile_acc.resize(size_t(kTile) * outs);
+  // Each thread's tile buffers: bit patterns, partial sums, accumulators.
+  struct Scratch {
+    std::vector<uint8_t> patterns;
+    std::vector<float> p;
+    std::vector<double> tile_acc;
+  };
+  auto make_scratch = [&] {
+    return Scratch{std::vector<uint8_t>(size_t(input_bits) * max_groups * kTile),
+                   std::vector<float>(size_t(kTile) * stride),
+                   std::vector<double>(size_t(kTile) * outs)};
   };
 
   const size_t ranges = size_t(reads) * slices;
@@ -798,20 +803,17 @@ double lookup_layer(const ReadContext& ctx, const QuantisedLayer& layer,
     std::vector<double> found(size_t(chunks) * ranges * 4);
 #pragma omp parallel if (chunks > 1)
     {
-      std::vector<uint8_t> patterns;
-      std::vector<float> p;
-      std::vector<double> tile_acc;
-      scratch(patterns, p, tile_acc);
+      Scratch scratch = make_scratch();
 #pragma omp for schedule(dynamic)
       for (int chunk = 0; chunk < chunks; ++chunk) {
         const int n0 = chunk * kChunk, cols = std::min(kChunk, npos - n0);
         double* at = &found[size_t(chunk) * ranges * 4];
         if (ctx.clean)
           lookup_ranges_chunk<true>(ctx, layer, tables, stride, mapped, npos, n0, cols, input_bits,
-                                    at, patterns, p);
+                                    at, scratch.patterns, scratch.p);
         else
           lookup_ranges_chunk<false>(ctx, layer, tables, stride, mapped, npos, n0, cols, input_bits,
-                                     at, patterns, p);
+                                     at, scratch.patterns, scratch.p);
       }
     }
     merge_ranges(found, chunks, reads, slices, lo, hi, ref_lo, ref_hi);
@@ -820,10 +822,10 @@ double lookup_layer(const ReadContext& ctx, const QuantisedLayer& layer,
   double largest = 0;
 #pragma omp parallel if (chunks > 1) reduction(max : largest)
   {
-    std::vector<uint8_t> patterns;
-    std::vector<float> p;
-    std::vector<double> tile_acc;
-    scratch(patterns, p, tile_acc);
+    Scratch scratch = make_scratch();
+    std::vector<uint8_t>& patterns = scratch.patterns;
+    std::vector<float>& p = scratch.p;
+    std::vector<double>& tile_acc = scratch.tile_acc;
 #pragma omp for schedule(dynamic)
     for (int chunk = 0; chunk < chunks; ++chunk) {
       const int n0 = chunk * kChunk, cols = std::min(kChunk, npos - n0);
