@@ -9,9 +9,12 @@
 //  2. CIM inference of a ResNet with random weights (He-normal, randomised batch norm, input ranges
 //     4.0 except conv1 = 1.0, saved with save_model and read back with load_model) on random
 //     8-bit images, under the default CIM model (CimConfig{}), at σ = 0.1 (device variation) with
-//     ADC dynamic (the default), fixed, ideal, and the digital path. program_chip and the forward
-//     pass are timed separately; the effective rate is 2·ab·nc·ΣMACs·images / seconds, the work of
-//     the bit-serial, bit-sliced GEMMs, and its ratio to the baselines is printed.
+//     ADC dynamic (the default), fixed, ideal, and the digital path. Every CIM mode runs twice, with
+//     the table-lookup reads (the backend's default) and with the GEMM reads (the path before them,
+//     CpuReads::kGemm), one after the other in the same run: "speedup" is the ratio of their
+//     median images/s. program_chip and the forward pass are timed separately; the effective rate
+//     is 2·ab·nc·ΣMACs·images / seconds, the work of the bit-serial, bit-sliced GEMMs, and its
+//     ratio to the baselines is printed.
 //  3. --memory: peak resident memory (getrusage ru_maxrss) after ResNet-56 over 10,000 images.
 //
 // Figures and machine details go to stdout and, with --json, to a file (bench/results/README.md).
@@ -291,7 +294,9 @@ struct TrialTiming {
 };
 
 struct ModeRun {
-  std::string mode;  // dynamic, fixed, calibrated, ideal, digital
+  std::string mode;        // dynamic, fixed, calibrated, ideal, digital
+  std::string reads;       // lookup, gemm (CIM modes); "-" for digital
+  double table_bytes = 0;  // look-up tables of the last chip
   double sigma = 0;
   int images = 0;
   double work_flops_per_image = 0;  // CIM: 2·ab·nc·ΣMACs; digital: 2·ΣMACs (double GEMM)
@@ -302,13 +307,15 @@ struct ModeRun {
 bool is_cim_mode(const std::string& mode) { return mode != "digital"; }
 
 ModeRun run_mode(const RandomModel& model, const std::vector<uint8_t>& pixels, int images,
-                 const std::string& mode, double sigma, int trials, bool progress) {
+                 const std::string& mode, CpuReads reads, double sigma, int trials,
+                 bool progress) {
   const ResNet& net = *model.loaded.network;
   const ResNetArch& arch = net.arch();
   CimConfig config;  // the documented defaults
   const bool digital = !is_cim_mode(mode);
   if (!digital) config.adc = parse_adc_mode(mode);
   CpuCimBackend backend(net.cim_layers(), config);
+  backend.set_reads(reads);
   TimedBackend timed(backend, net.cim_layers().size());
   const size_t per_image = size_t(arch.in_channels) * arch.input_height * arch.input_width;
   std::vector<float> batch;
@@ -320,6 +327,7 @@ ModeRun run_mode(const RandomModel& model, const std::vector<uint8_t>& pixels, i
 
   ModeRun run;
   run.mode = mode;
+  run.reads = digital ? "-" : (reads == CpuReads::kLookup ? "lookup" : "gemm");
   run.sigma = digital ? 0.0 : sigma;
   run.images = images;
   run.work_flops_per_image = 2.0 * double(model.total_macs) *
@@ -361,6 +369,7 @@ ModeRun run_mode(const RandomModel& model, const std::vector<uint8_t>& pixels, i
     t.forward_s = seconds_since(start);
     t.forward_cpu_s = cpu_seconds() - cpu_start;
     t.layer_s = timed.seconds();
+    run.table_bytes = double(backend.lookup_table_bytes());
     run.trials.push_back(t);
   }
   return run;
@@ -569,71 +578,94 @@ int main(int argc, char** argv) {
       std::printf("CIM config: defaults (wb 8 on 2 cells, ab 8, R 128, ADC 10 bits, batch %d), "
                   "σ = %g device; %d images; OpenBLAS %d thread(s) during the CIM runs\n",
                   defaults.batch_size, o.sigma, o.images, blas_threads_for_cim);
-      std::printf("  %-10s %5s %5s %9s %9s %9s %9s %11s %8s %8s %9s\n", "mode", "σ", "trial",
+      std::printf("  %-15s %5s %5s %9s %9s %9s %9s %11s %8s %8s %9s\n", "mode/reads", "σ", "trial",
                   "program", "forward", "CPU time", "images/s", "eff GFLOP/s", "÷mix", "÷1024³",
                   "GEMM-bound");
       json runs_json = json::array();
-      for (const std::string& mode : o.modes) {
-        const ModeRun run = run_mode(model, pixels, o.images, mode, o.sigma,
-                                     is_cim_mode(mode) ? o.trials : 1, false);
-        json trials_json = json::array();
-        std::vector<double> rates;
-        for (const TrialTiming& t : run.trials) {
-          const double rate = run.work_flops_per_image * run.images / t.forward_s * 1e-9;
-          rates.push_back(rate);
-          const bool cim = is_cim_mode(mode);
-          char ratio_mix[16] = "-", ratio_square[16] = "-", bound[16] = "-";
-          if (cim) {
-            std::snprintf(ratio_mix, sizeof ratio_mix, "%.3f", rate / mix_1);
-            std::snprintf(ratio_square, sizeof ratio_square, "%.3f", rate / square.gflops);
-            std::snprintf(bound, sizeof bound, "%.0f %%", 100.0 * bound_1_total * run.images / t.forward_s);
+      json speedup = json::object();
+      std::map<std::string, double> gemm_images_per_s;
+      for (const std::string& mode : o.modes)
+        for (CpuReads reads : {CpuReads::kGemm, CpuReads::kLookup}) {
+          if (!is_cim_mode(mode) && reads == CpuReads::kLookup) continue;  // digital: no reads
+          const ModeRun run = run_mode(model, pixels, o.images, mode, reads, o.sigma,
+                                       is_cim_mode(mode) ? o.trials : 1, false);
+          const std::string label = is_cim_mode(mode) ? mode + "/" + run.reads : mode;
+          json trials_json = json::array();
+          std::vector<double> rates;
+          for (const TrialTiming& t : run.trials) {
+            const double rate = run.work_flops_per_image * run.images / t.forward_s * 1e-9;
+            rates.push_back(rate);
+            const bool cim = is_cim_mode(mode);
+            char ratio_mix[16] = "-", ratio_square[16] = "-", bound[16] = "-";
+            if (cim) {
+              std::snprintf(ratio_mix, sizeof ratio_mix, "%.3f", rate / mix_1);
+              std::snprintf(ratio_square, sizeof ratio_square, "%.3f", rate / square.gflops);
+              std::snprintf(bound, sizeof bound, "%.0f %%",
+                            100.0 * bound_1_total * run.images / t.forward_s);
+            }
+            std::printf("  %-15s %5.2g %5d %8.2fs %8.2fs %8.2fs %9.1f %11.1f %8s %8s %9s\n",
+                        label.c_str(), run.sigma, t.trial, t.program_s, t.forward_s,
+                        t.forward_cpu_s, run.images / t.forward_s, rate, ratio_mix, ratio_square,
+                        bound);
+            trials_json.push_back(
+                {{"trial", t.trial},
+                 {"program_chip_s", t.program_s},
+                 {"forward_s", t.forward_s},
+                 {"forward_cpu_s", t.forward_cpu_s},
+                 {"images_per_s", run.images / t.forward_s},
+                 {"effective_gflops", rate},
+                 {"ratio_to_shape_mix", cim ? json(rate / mix_1) : json(nullptr)},
+                 {"ratio_to_square_1024", cim ? json(rate / square.gflops) : json(nullptr)},
+                 {"layer_seconds", t.layer_s},
+                 {"logit_checksum", t.logit_checksum}});
           }
-          std::printf("  %-10s %5.2g %5d %8.2fs %8.2fs %8.2fs %9.1f %11.1f %8s %8s %9s\n",
-                      mode.c_str(), run.sigma, t.trial, t.program_s, t.forward_s, t.forward_cpu_s,
-                      run.images / t.forward_s, rate, ratio_mix, ratio_square, bound);
-          trials_json.push_back({{"trial", t.trial},
-                                 {"program_chip_s", t.program_s},
-                                 {"forward_s", t.forward_s},
-                                 {"forward_cpu_s", t.forward_cpu_s},
-                                 {"images_per_s", run.images / t.forward_s},
-                                 {"effective_gflops", rate},
-                                 {"ratio_to_shape_mix", cim ? json(rate / mix_1) : json(nullptr)},
-                                 {"ratio_to_square_1024", cim ? json(rate / square.gflops) : json(nullptr)},
-                                 {"layer_seconds", t.layer_s},
-                                 {"logit_checksum", t.logit_checksum}});
+          // Where the time goes, last trial: per layer group, against the GEMM-bound estimate.
+          const TrialTiming& last = run.trials.back();
+          double in_layers = 0;
+          std::string line = "             layers, s (GEMM-bound est.):";
+          for (const std::string& g : groups) {
+            double s = 0, b = 0;
+            for (size_t l = 0; l < last.layer_s.size(); ++l)
+              if (layer_group(net.cim_layers()[l].name) == g)
+                s += last.layer_s[l], b += bound_1[l] * run.images;
+            in_layers += s;
+            char part[96];
+            if (is_cim_mode(mode))
+              std::snprintf(part, sizeof part, " %s %.2f (%.2f)", g.c_str(), s, b);
+            else
+              std::snprintf(part, sizeof part, " %s %.2f", g.c_str(), s);
+            line += part;
+          }
+          char rest[128];
+          std::snprintf(rest, sizeof rest,
+                        " | outside CIM layers %.2f | per partial sum: %.1f ns wall, %.1f ns CPU",
+                        last.forward_s - in_layers,
+                        last.forward_s / (partial_sums * run.images) * 1e9,
+                        last.forward_cpu_s / (partial_sums * run.images) * 1e9);
+          std::printf("%s%s\n", line.c_str(), rest);
+          const double images_per_s = median(rates) / run.work_flops_per_image * 1e9;
+          if (run.trials.size() > 1)
+            std::printf("             median over %zu trials: %.1f images/s, %.1f GFLOP/s\n",
+                        run.trials.size(), images_per_s, median(rates));
+          if (reads == CpuReads::kGemm) {
+            gemm_images_per_s[mode] = images_per_s;
+          } else {
+            speedup[mode] = images_per_s / gemm_images_per_s.at(mode);
+            std::printf(
+                "             look-up reads: %.2f× the GEMM reads' images/s; tables %.1f MB\n",
+                double(speedup[mode]), run.table_bytes * 1e-6);
+          }
+          runs_json.push_back({{"mode", mode},
+                               {"reads", run.reads},
+                               {"images_per_s_median", images_per_s},
+                               {"lookup_table_bytes", run.table_bytes},
+                               {"sigma", run.sigma},
+                               {"images", run.images},
+                               {"work_flops_per_image", run.work_flops_per_image},
+                               {"calibration_s", run.calibration_s},
+                               {"trials", trials_json},
+                               {"max_rss_kib_after", max_rss_kib()}});
         }
-        // Where the time goes, last trial: per layer group, against the GEMM-bound estimate.
-        const TrialTiming& last = run.trials.back();
-        double in_layers = 0;
-        std::string line = "             layers, s (GEMM-bound est.):";
-        for (const std::string& g : groups) {
-          double s = 0, b = 0;
-          for (size_t l = 0; l < last.layer_s.size(); ++l)
-            if (layer_group(net.cim_layers()[l].name) == g) s += last.layer_s[l], b += bound_1[l] * run.images;
-          in_layers += s;
-          char part[96];
-          if (is_cim_mode(mode))
-            std::snprintf(part, sizeof part, " %s %.2f (%.2f)", g.c_str(), s, b);
-          else
-            std::snprintf(part, sizeof part, " %s %.2f", g.c_str(), s);
-          line += part;
-        }
-        char rest[128];
-        std::snprintf(rest, sizeof rest, " | outside CIM layers %.2f | per partial sum: %.1f ns wall, %.1f ns CPU",
-                      last.forward_s - in_layers, last.forward_s / (partial_sums * run.images) * 1e9,
-                      last.forward_cpu_s / (partial_sums * run.images) * 1e9);
-        std::printf("%s%s\n", line.c_str(), rest);
-        if (run.trials.size() > 1)
-          std::printf("             median over %zu trials: %.1f images/s, %.1f GFLOP/s\n",
-                      run.trials.size(), median(rates) / run.work_flops_per_image * 1e9, median(rates));
-        runs_json.push_back({{"mode", mode},
-                             {"sigma", run.sigma},
-                             {"images", run.images},
-                             {"work_flops_per_image", run.work_flops_per_image},
-                             {"calibration_s", run.calibration_s},
-                             {"trials", trials_json},
-                             {"max_rss_kib_after", max_rss_kib()}});
-      }
       json layers_json = json::array();
       for (size_t l = 0; l < net.cim_layers().size(); ++l) {
         json calls = json::array();
@@ -653,6 +685,7 @@ int main(int argc, char** argv) {
                                {"shape_mix_gflops_openblas_default", mix_default},
                                {"gemm_bound_s_per_image", bound_1_total},
                                {"layers", layers_json},
+                               {"speedup", speedup},
                                {"runs", runs_json}});
       std::printf("  (eff GFLOP/s: CIM work / forward time; digital: 2·MACs in double. ÷mix: against "
                   "the shape-mix rate with OpenBLAS 1 thread per OpenMP thread; GEMM-bound: the time "
@@ -666,7 +699,8 @@ int main(int argc, char** argv) {
       std::printf("== 3. Memory: ResNet-%d, ADC dynamic, σ = %g, %d images ==\n", o.memory_depth,
                   o.sigma, o.memory_images);
       const RandomModel model = make_random_resnet(o.memory_depth, o.seed, "bench_cim_cpu");
-      const ModeRun run = run_mode(model, pixels, o.memory_images, "dynamic", o.sigma, 1, true);
+      const ModeRun run = run_mode(model, pixels, o.memory_images, "dynamic", CpuReads::kLookup,
+                                   o.sigma, 1, true);
       const long after = max_rss_kib();
       std::printf("  forward %.1f s (%.1f images/s); peak RSS (ru_maxrss) before %.0f MiB, after "
                   "%.0f MiB = %.2f GB (target ≤ 2 GB)\n\n",

@@ -15,7 +15,12 @@ namespace cimsweep::bench {
 RandomModel make_random_resnet(int depth, uint64_t seed, const std::string& tag) {
   ResNetArch arch;  // 32×32×3, width 16, kernel 3, 10 classes, shortcut A
   arch.depth = depth;
+  return make_random_resnet(arch, seed, tag);
+}
+
+RandomModel make_random_resnet(const ResNetArch& arch, uint64_t seed, const std::string& tag) {
   arch.validate();
+  const int depth = arch.depth;
   std::mt19937_64 rng(seed + uint64_t(depth));
   std::map<std::string, Tensor> tensors;
   std::map<std::string, float> ranges;

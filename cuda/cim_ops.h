@@ -181,15 +181,17 @@ HOST_DEVICE inline double range_value(const ReadParams& p, const float* P, int r
   return reference_value(p, P, q, row - p.slices * p.outs);
 }
 
+// `noisy`: the value varies from chip to chip (cim_math.h, FixedAdc: how its code is found).
 HOST_DEVICE inline double quantise(const ReadParams& p, double x, double lo, double hi,
-                                   int subarray_rows) {
+                                   int subarray_rows, bool noisy) {
   switch (p.adc) {
     case AdcKind::kDynamic:
-      return cim::DynamicAdc(lo, hi, p.adc_bits)(x);
+      return cim::DynamicAdc(lo, hi, p.adc_bits)(x, noisy);
     case AdcKind::kFixed:
-      return cim::FixedAdc(double(subarray_rows) * cim::max_code(p.cell_bits), p.adc_bits)(x);
+      return cim::FixedAdc(double(subarray_rows) * cim::max_code(p.cell_bits), p.adc_bits)(x,
+                                                                                           noisy);
     case AdcKind::kCalibrated:
-      return cim::FixedAdc(p.calibrated_full_scale, p.adc_bits)(x);
+      return cim::FixedAdc(p.calibrated_full_scale, p.adc_bits)(x, noisy);
     case AdcKind::kIdeal:
       break;
   }
@@ -223,11 +225,11 @@ HOST_DEVICE inline double accumulate_read(const ReadParams& p, const float* P,
   for (int m = 0; m < p.slices; ++m) {
     const double place = ldexp(1.0, bit + p.cell_bits * m);
     const SliceRange r = ranges ? ranges[m] : SliceRange{0, 0, 0, 0};
-    const double ref_code =
-        quantise(p, reference_value(p, P, q, m), r.ref_lo, r.ref_hi, subarray_rows);
+    const double ref_code = quantise(p, reference_value(p, P, q, m), r.ref_lo, r.ref_hi,
+                                     subarray_rows, !p.clean && p.ref_rows > 1);
     const double code =
         quantise(p, weight_value(p, P[int64_t(m * p.outs + o) * p.positions + q], count), r.lo,
-                 r.hi, subarray_rows);
+                 r.hi, subarray_rows, !p.clean);
     acc = cim::add_rn(acc, cim::mul_rn(place, cim::mul_rn(p.gain, cim::sub_rn(code, ref_code))));
   }
   return acc;

@@ -9,6 +9,7 @@
 
 #include "host/errors.h"
 #include "kernels/cim_math.h"
+#include "kernels/lookup_read.h"
 
 namespace cimsweep {
 namespace {
@@ -112,6 +113,7 @@ CpuCimBackend::CpuCimBackend(const std::vector<CimLayerSpec>& layers, const CimC
     layers_.push_back(quantise_layer(layers[i], int(i), config_, digital));
   }
   chip_.resize(layers_.size());
+  tables_.resize(layers_.size());
   calibration_max_.assign(layers_.size(), 0.0);
   program_chip(0, 0.0);
 }
@@ -121,12 +123,57 @@ void CpuCimBackend::program_chip(uint32_t trial, double sigma) {
     throw UserError("σ must be a finite number ≥ 0, got " + std::to_string(sigma));
   key_ = cim::NoiseKey{config_.seed, trial};
   sigma_ = sigma;
+  // A chip that stays fixed for every read is tabulated once here; `cycle` reads draw afresh.
+  const bool tabulate =
+      reads_ == CpuReads::kLookup && (config_.variation == VariationMode::kDevice || sigma == 0);
   for (const QuantisedLayer& layer : layers_) {
+    tables_[layer.index].clear();
     if (layer.digital) continue;
     chip_[layer.index].resize(layer.subarrays());
-    for (int s = 0; s < layer.subarrays(); ++s)
+    if (tabulate) tables_[layer.index].resize(layer.subarrays());
+    for (int s = 0; s < layer.subarrays(); ++s) {
       program_subarray(layer.index, s, 0, chip_[layer.index][s]);
+      if (tabulate) build_lookup_table(layer.index, s, tables_[layer.index][s]);
+    }
   }
+}
+
+// Entry (g, pattern, column) = the sum cim::lookup_table_entry defines over the operand's row
+// `column`, sub-array rows 4g … 4g + 3; the padding columns stay 0.
+void CpuCimBackend::build_lookup_table(int index, int s, std::vector<float>& table) const {
+  const QuantisedLayer& layer = layers_[index];
+  const int width = layer.subarray_begin[s + 1] - layer.subarray_begin[s];
+  const int columns =
+      config_.cells_per_weight() * layer.spec.out_channels + reference_rows(config_, sigma_);
+  const int groups = cim::lookup_groups(width), stride = cim::lookup_stride(columns);
+  const std::vector<float>& operand = chip_[index][s];  // [column][row]
+  table.assign(size_t(groups) * cim::kLookupPatterns * stride, 0.0f);
+  for (int g = 0; g < groups; ++g) {
+    const int first = g * cim::kLookupRows, rows = std::min(cim::kLookupRows, width - first);
+    for (int pattern = 0; pattern < cim::kLookupPatterns; ++pattern) {
+      float* entry = table.data() + (size_t(g) * cim::kLookupPatterns + pattern) * stride;
+      for (int c = 0; c < columns; ++c)
+        entry[c] = cim::lookup_table_entry(&operand[size_t(c) * width + first], 1, rows, pattern);
+    }
+  }
+}
+
+size_t CpuCimBackend::lookup_table_bytes() const {
+  size_t bytes = 0;
+  for (const auto& layer : tables_)
+    for (const std::vector<float>& table : layer) bytes += table.size() * sizeof(float);
+  return bytes;
+}
+
+size_t lookup_table_bytes(const CimLayerSpec& spec, const CimConfig& config, double sigma) {
+  QuantisedLayer shape;
+  map_rows(spec, config.mapping, config.subarray_rows, shape);
+  const int columns = config.cells_per_weight() * spec.out_channels + reference_rows(config, sigma);
+  size_t bytes = 0;
+  for (int s = 0; s < shape.subarrays(); ++s)
+    bytes += size_t(cim::lookup_groups(shape.subarray_begin[s + 1] - shape.subarray_begin[s])) *
+             cim::kLookupPatterns * cim::lookup_stride(columns) * sizeof(float);
+  return bytes;
 }
 
 void CpuCimBackend::program_subarray(int index, int s, uint32_t read,
@@ -349,23 +396,28 @@ void accumulate_row(const PartialSum<kClean>& partial, const Quantise& quantise,
     out[q] += place * (gain * (quantise(partial(row[q], counts[q])) - ref_codes[q]));
 }
 
-// Calls `body` with the branch-free form of the ADC of one read.
+// Calls `body` with the branch-free form of the ADC of one read: at σ = 0 (`clean`) the exact
+// division by the step, at σ > 0 the multiplication by its reciprocal (cim_math.h).
 template <class Body>
-void with_quantiser(const cim::DynamicAdc& adc, const Body& body) {
+void with_quantiser(const cim::DynamicAdc& adc, bool clean, const Body& body) {
   if (adc.identity)
     body(cim::IdealAdc());
-  else
+  else if (clean)
     body([adc](double x) { return adc.quantise(x); });
+  else
+    body([adc](double x) { return adc.quantise_noisy(x); });
 }
 template <class Body>
-void with_quantiser(const cim::FixedAdc& adc, const Body& body) {
-  if (adc.step > 0.0)
-    body([adc](double x) { return adc.quantise(x); });
-  else
+void with_quantiser(const cim::FixedAdc& adc, bool clean, const Body& body) {
+  if (!(adc.step > 0.0))
     body([](double) { return 0.0; });
+  else if (clean)
+    body([adc](double x) { return adc.quantise(x); });
+  else
+    body([adc](double x) { return adc.quantise_noisy(x); });
 }
 template <class Body>
-void with_quantiser(const cim::IdealAdc& adc, const Body& body) {
+void with_quantiser(const cim::IdealAdc& adc, bool, const Body& body) {
   body(adc);
 }
 
@@ -377,18 +429,19 @@ void accumulate_chunk_for(const ReadContext& ctx, const MakeAdc& make_adc, const
   const float* counts = p + size_t(ctx.slices * ctx.outs) * ld;
   ref_codes.resize(size_t(ctx.slices) * cols);
   for (int m = 0; m < ctx.slices; ++m) {
-    const auto ref_adc = make_adc(ctx.ref_lo[m], ctx.ref_hi[m]);
+    const auto ref_adc = make_adc(ctx.ref_lo[m], ctx.ref_hi[m], ctx.subarray_rows);
     for (int q = 0; q < cols; ++q)
-      ref_codes[size_t(m) * cols + q] = ref_adc(reference_sum(ctx, p, ld, q, m));
+      ref_codes[size_t(m) * cols + q] = ref_adc(reference_sum(ctx, p, ld, q, m), ctx.ref_rows > 1);
   }
   for (int m = 0; m < ctx.slices; ++m) {
     const double place = std::ldexp(1.0, bit + ctx.cell_bits * m);
-    with_quantiser(make_adc(ctx.lo[m], ctx.hi[m]), [&](const auto& quantise) {
-      for (int o = 0; o < ctx.outs; ++o)
-        accumulate_row(partial, quantise, p + size_t(m * ctx.outs + o) * ld, counts,
-                       ref_codes.data() + size_t(m) * cols, place, ctx.gain,
-                       acc + size_t(o) * acc_ld, cols);
-    });
+    with_quantiser(make_adc(ctx.lo[m], ctx.hi[m], ctx.subarray_rows), kClean,
+                   [&](const auto& quantise) {
+                     for (int o = 0; o < ctx.outs; ++o)
+                       accumulate_row(partial, quantise, p + size_t(m * ctx.outs + o) * ld, counts,
+                                      ref_codes.data() + size_t(m) * cols, place, ctx.gain,
+                                      acc + size_t(o) * acc_ld, cols);
+                   });
   }
 }
 
@@ -415,31 +468,387 @@ double accumulate_exact_chunk(const ReadContext& ctx, const float* p, int ld, in
   return largest;
 }
 
+// Calls run(make_adc) with the ADC of ctx.adc: make_adc(lo, hi, rows) gives the ADC of one read
+// and slice (lo, hi: its dynamic range, used by `dynamic` only).
+// slice (lo, hi: its dynamic range, used by `dynamic` only; rows: the sub-array's rows, `fixed`).
+template <class Run>
+double with_adc(const ReadContext& ctx, const Run& run) {
+  switch (ctx.adc) {
+    case AdcMode::kDynamic:
+      return run([&](double lo, double hi, int) { return cim::DynamicAdc(lo, hi, ctx.adc_bits); });
+    case AdcMode::kFixed:
+      return run([&](double, double, int rows) {
+        return cim::FixedAdc(double(rows) * cim::max_code(ctx.cell_bits), ctx.adc_bits);
+      });
+    case AdcMode::kCalibrated:
+      return run([&](double, double, int) { return cim::FixedAdc(ctx.full_scale, ctx.adc_bits); });
+    case AdcMode::kIdeal:
+      return run([](double, double, int) { return cim::IdealAdc(); });
+  }
+  return 0;
+}
+
 // ADC and shift-and-add of one read for a chunk: acc[o][q] += 2^t·2^(cb·m)·gain·(Q(P) − Q(Pref)).
 // Returns the largest partial sum of the read when it is the exact one (ADC calibration), else 0.
 double accumulate_chunk(const ReadContext& ctx, const float* p, int ld, int cols, int bit,
                         double* acc, int acc_ld, std::vector<double>& ref_codes) {
   if (ctx.ideal_clean) return accumulate_exact_chunk(ctx, p, ld, cols, bit, acc, acc_ld);
-  auto run = [&](const auto& make_adc) {
+  return with_adc(ctx, [&](const auto& make_adc) {
     if (ctx.clean)
       accumulate_chunk_for<true>(ctx, make_adc, p, ld, cols, bit, acc, acc_ld, ref_codes);
     else
       accumulate_chunk_for<false>(ctx, make_adc, p, ld, cols, bit, acc, acc_ld, ref_codes);
     return 0.0;
-  };
-  switch (ctx.adc) {
-    case AdcMode::kDynamic:
-      return run([&](double lo, double hi) { return cim::DynamicAdc(lo, hi, ctx.adc_bits); });
-    case AdcMode::kFixed: {
-      const double full_scale = double(ctx.subarray_rows) * cim::max_code(ctx.cell_bits);
-      return run([&](double, double) { return cim::FixedAdc(full_scale, ctx.adc_bits); });
+  });
+}
+
+// Every chunk's dynamic ranges [chunk][read][lo, hi, ref_lo, ref_hi][slice] merged into the
+// layer's per-read ranges (min and max: the same in any order).
+void merge_ranges(const std::vector<double>& found, int chunks, int reads, int slices,
+                  std::vector<double>& lo, std::vector<double>& hi, std::vector<double>& ref_lo,
+                  std::vector<double>& ref_hi) {
+  const double inf = std::numeric_limits<double>::infinity();
+  std::fill(lo.begin(), lo.end(), inf);
+  std::fill(ref_lo.begin(), ref_lo.end(), inf);
+  std::fill(hi.begin(), hi.end(), -inf);
+  std::fill(ref_hi.begin(), ref_hi.end(), -inf);
+  for (int chunk = 0; chunk < chunks; ++chunk)
+    for (int read = 0; read < reads; ++read)
+      for (int m = 0; m < slices; ++m) {
+        const double* at = &found[(size_t(chunk) * reads + read) * slices * 4];
+        const size_t i = size_t(read) * slices + m;
+        lo[i] = std::min(lo[i], at[m]);
+        hi[i] = std::max(hi[i], at[slices + m]);
+        ref_lo[i] = std::min(ref_lo[i], at[2 * slices + m]);
+        ref_hi[i] = std::max(ref_hi[i], at[3 * slices + m]);
+      }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Table-lookup reads (device chips): kernels/lookup_read.h gives the order of every sum; the
+// loops below run it for a tile of output positions at once, the columns vectorised.
+
+// Output positions per tile: the tile's partial sums and accumulators stay in L1/L2.
+constexpr int kTile = 32;
+
+// The bit patterns of one tile and sub-array: patterns[(t·groups + g)·kTile + q], bit i of each
+// the bit t of row i's level (cim::lookup_pattern), built row by row so that the loops over the
+// tile's positions vectorise.
+void tile_patterns(const QuantisedLayer& layer, int s, const std::vector<uint16_t>& mapped,
+                   int npos, int q0, int cols, int input_bits, std::vector<uint8_t>& patterns) {
+  const int r0 = layer.subarray_begin[s], width = layer.subarray_begin[s + 1] - r0;
+  const int groups = cim::lookup_groups(width);
+  patterns.resize(size_t(input_bits) * groups * kTile);
+  for (int g = 0; g < groups; ++g) {
+    const int rows = std::min(cim::kLookupRows, width - g * cim::kLookupRows);
+    const uint16_t* levels = mapped.data() + size_t(r0 + g * cim::kLookupRows) * npos + q0;
+    for (int t = 0; t < input_bits; ++t) {
+      uint8_t* __restrict out = patterns.data() + (size_t(t) * groups + g) * kTile;
+      for (int q = 0; q < cols; ++q) out[q] = 0;
+      for (int i = 0; i < rows; ++i) {
+        const uint16_t* __restrict row = levels + size_t(i) * npos;
+        for (int q = 0; q < cols; ++q) out[q] |= uint8_t(((row[q] >> t) & 1) << i);
+      }
     }
-    case AdcMode::kCalibrated:
-      return run([&](double, double) { return cim::FixedAdc(ctx.full_scale, ctx.adc_bits); });
-    case AdcMode::kIdeal:
-      return run([](double, double) { return cim::IdealAdc(); });
   }
-  return 0;
+}
+
+// Eight float lanes (GCC/Clang vector extension; may sit at any float's address). The lanes are
+// independent columns, so the width changes the speed, never a sum.
+typedef float Lanes __attribute__((vector_size(32), aligned(4), may_alias));
+static_assert(cim::kLookupColumnAlign == 8, "a table row is a whole number of Lanes");
+
+// Columns [c0, c0 + 8·kBlocks) of one position: group 0's entry, then groups 1, 2, … added, held
+// in registers over all groups.
+template <int kBlocks>
+inline void position_partial_sums(const float* __restrict table, int stride, int groups,
+                                  const uint8_t* __restrict patterns, int c0,
+                                  float* __restrict out) {
+  const Lanes* first = reinterpret_cast<const Lanes*>(table + size_t(patterns[0]) * stride + c0);
+  Lanes sum[kBlocks];
+#pragma GCC unroll 8
+  for (int b = 0; b < kBlocks; ++b) sum[b] = first[b];
+  for (int g = 1; g < groups; ++g) {
+    const Lanes* entry = reinterpret_cast<const Lanes*>(
+        table + (size_t(g) * cim::kLookupPatterns + patterns[g * kTile]) * stride + c0);
+#pragma GCC unroll 8
+    for (int b = 0; b < kBlocks; ++b) sum[b] = sum[b] + entry[b];
+  }
+  Lanes* dst = reinterpret_cast<Lanes*>(out + c0);
+#pragma GCC unroll 8
+  for (int b = 0; b < kBlocks; ++b) dst[b] = sum[b];
+}
+
+// Partial sums of one read for every position of a tile: p[q·stride + column], each column the
+// sum cim::lookup_partial_sum defines (group 0's entry, then groups 1, 2, … added in turn).
+void tile_partial_sums(const std::vector<float>& table, int stride, int groups,
+                       const uint8_t* patterns, int cols, float* __restrict p) {
+  constexpr int kWide = 4;  // 32 columns per pass: four registers of sums
+  for (int q = 0; q < cols; ++q) {
+    float* out = p + size_t(q) * stride;
+    int c0 = 0;
+    for (; c0 + 8 * kWide <= stride; c0 += 8 * kWide)
+      position_partial_sums<kWide>(table.data(), stride, groups, patterns + q, c0, out);
+    for (; c0 < stride; c0 += 8)
+      position_partial_sums<1>(table.data(), stride, groups, patterns + q, c0, out);
+  }
+}
+
+// What the ADC of slice m sees for a position's weights: the partial sum in level units.
+template <bool kClean>
+inline double level_units(const cim::CleanPartialSum& clean, float raw, double count) {
+  return kClean ? clean(double(raw), count) : double(raw);
+}
+
+inline double position_reference(const ReadContext& ctx, const float* p, int m) {
+  const float* ref = p + ctx.slices * ctx.outs;
+  return ctx.ref_rows == 1 ? cim::mul_rn(ctx.g_ref, double(ref[0])) : double(ref[m]);
+}
+
+// Smallest and largest of row[0 … n), eight lanes at a time (min and max: any order).
+inline void row_min_max(const float* row, int n, float* lo, float* hi) {
+  float mn = std::numeric_limits<float>::infinity(), mx = -mn;
+  int o = 0;
+  if (n >= 8) {
+    Lanes vmn = *reinterpret_cast<const Lanes*>(row), vmx = vmn;
+    for (o = 8; o + 8 <= n; o += 8) {
+      const Lanes v = *reinterpret_cast<const Lanes*>(row + o);
+      vmn = v < vmn ? v : vmn;
+      vmx = v > vmx ? v : vmx;
+    }
+    for (int l = 0; l < 8; ++l) {
+      mn = vmn[l] < mn ? vmn[l] : mn;
+      mx = vmx[l] > mx ? vmx[l] : mx;
+    }
+  }
+  for (; o < n; ++o) {
+    mn = row[o] < mn ? row[o] : mn;
+    mx = row[o] > mx ? row[o] : mx;
+  }
+  *lo = mn;
+  *hi = mx;
+}
+
+// ADC `dynamic`, first pass: every read's ranges over one chunk, from its partial sums (the
+// partial sum in level units rises with the raw sum, so the raw min and max are converted).
+template <bool kClean>
+void lookup_ranges_chunk(const ReadContext& ctx, const QuantisedLayer& layer,
+                         const std::vector<std::vector<float>>& tables, int stride,
+                         const std::vector<uint16_t>& mapped, int npos, int n0, int cols,
+                         int input_bits, double* found, std::vector<uint8_t>& patterns,
+                         std::vector<float>& p) {
+  const cim::CleanPartialSum clean(ctx.cell_bits, ctx.inv_onoff);
+  const int slices = ctx.slices, outs = ctx.outs, reads = layer.subarrays() * input_bits;
+  const double inf = std::numeric_limits<double>::infinity();
+  for (int i = 0; i < reads * slices; ++i) {
+    found[size_t(i / slices) * slices * 4 + i % slices] = inf;
+    found[size_t(i / slices) * slices * 4 + slices + i % slices] = -inf;
+    found[size_t(i / slices) * slices * 4 + 2 * slices + i % slices] = inf;
+    found[size_t(i / slices) * slices * 4 + 3 * slices + i % slices] = -inf;
+  }
+  for (int q0 = 0; q0 < cols; q0 += kTile) {
+    const int tile = std::min(kTile, cols - q0);
+    for (int s = 0; s < layer.subarrays(); ++s) {
+      const int groups = cim::lookup_groups(layer.subarray_begin[s + 1] - layer.subarray_begin[s]);
+      tile_patterns(layer, s, mapped, npos, n0 + q0, tile, input_bits, patterns);
+      for (int t = 0; t < input_bits; ++t) {
+        tile_partial_sums(tables[s], stride, groups, patterns.data() + size_t(t) * groups * kTile,
+                          tile, p.data());
+        double* at = found + size_t(s * input_bits + t) * slices * 4;
+        for (int q = 0; q < tile; ++q) {
+          const float* pq = p.data() + size_t(q) * stride;
+          const double count = double(pq[slices * outs]);
+          for (int m = 0; m < slices; ++m) {
+            float mn, mx;
+            row_min_max(pq + m * outs, outs, &mn, &mx);
+            at[m] = std::min(at[m], level_units<kClean>(clean, mn, count));
+            at[slices + m] = std::max(at[slices + m], level_units<kClean>(clean, mx, count));
+            const double ref = position_reference(ctx, pq, m);
+            at[2 * slices + m] = std::min(at[2 * slices + m], ref);
+            at[3 * slices + m] = std::max(at[3 * slices + m], ref);
+          }
+        }
+      }
+    }
+  }
+}
+
+// The read, the ADC and the shift-and-add of one chunk, fused per tile: for every sub-array and
+// input bit the tile's partial sums are looked up, converted and added into the tile's
+// accumulators [q][o] in the order of the GEMM path (sub-array, bit, slice).
+template <bool kClean, class MakeAdc>
+void lookup_accumulate_chunk(const ReadContext& ctx, const MakeAdc& make_adc,
+                             const QuantisedLayer& layer,
+                             const std::vector<std::vector<float>>& tables, int stride,
+                             const std::vector<uint16_t>& mapped, int npos, int n0, int cols,
+                             int input_bits, const double* lo, const double* hi,
+                             const double* ref_lo, const double* ref_hi, double* acc,
+                             std::vector<uint8_t>& patterns, std::vector<float>& p,
+                             std::vector<double>& tile_acc) {
+  const cim::CleanPartialSum clean(ctx.cell_bits, ctx.inv_onoff);
+  const int slices = ctx.slices, outs = ctx.outs;
+  const bool noisy_reference = ctx.ref_rows > 1;
+  double counts[kTile], ref_codes[kTile];
+  for (int q0 = 0; q0 < cols; q0 += kTile) {
+    const int tile = std::min(kTile, cols - q0);
+    std::fill(tile_acc.begin(), tile_acc.begin() + size_t(tile) * outs, 0.0);
+    for (int s = 0; s < layer.subarrays(); ++s) {
+      const int rows = layer.subarray_begin[s + 1] - layer.subarray_begin[s];
+      const int groups = cim::lookup_groups(rows);
+      tile_patterns(layer, s, mapped, npos, n0 + q0, tile, input_bits, patterns);
+      for (int t = 0; t < input_bits; ++t) {
+        tile_partial_sums(tables[s], stride, groups, patterns.data() + size_t(t) * groups * kTile,
+                          tile, p.data());
+        const size_t read = size_t(s) * input_bits + t;
+        for (int q = 0; q < tile; ++q) counts[q] = double(p[size_t(q) * stride + slices * outs]);
+        for (int m = 0; m < slices; ++m) {
+          // place·(gain·y) = (place·gain)·y exactly: place is a power of 2.
+          const double weight = std::ldexp(ctx.gain, t + ctx.cell_bits * m);
+          const auto ref_adc = make_adc(ref_lo[read * slices + m], ref_hi[read * slices + m], rows);
+          for (int q = 0; q < tile; ++q)
+            ref_codes[q] = ref_adc(position_reference(ctx, p.data() + size_t(q) * stride, m),
+                                   noisy_reference);
+          with_quantiser(
+              make_adc(lo[read * slices + m], hi[read * slices + m], rows), kClean,
+              [&](const auto& quantise) {
+                for (int q = 0; q < tile; ++q) {
+                  const float* __restrict row = p.data() + size_t(q) * stride + m * outs;
+                  double* __restrict out = tile_acc.data() + size_t(q) * outs;
+                  const double count = counts[q], ref_code = ref_codes[q];
+#pragma omp simd
+                  for (int o = 0; o < outs; ++o)
+                    out[o] += weight *
+                              (quantise(level_units<kClean>(clean, row[o], count)) - ref_code);
+                }
+              });
+        }
+      }
+    }
+    for (int q = 0; q < tile; ++q)
+      for (int o = 0; o < outs; ++o)
+        acc[size_t(o) * npos + n0 + q0 + q] = tile_acc[size_t(q) * outs + o];
+  }
+}
+
+// The σ = 0, ideal-ADC read by table look-up (and ADC calibration): 2·Σd·b − L·Σb exactly.
+double lookup_exact_chunk(const ReadContext& ctx, const QuantisedLayer& layer,
+                          const std::vector<std::vector<float>>& tables, int stride,
+                          const std::vector<uint16_t>& mapped, int npos, int n0, int cols,
+                          int input_bits, double* acc, std::vector<uint8_t>& patterns,
+                          std::vector<float>& p, std::vector<double>& tile_acc) {
+  const cim::CleanPartialSum clean(ctx.cell_bits, ctx.inv_onoff);
+  const int slices = ctx.slices, outs = ctx.outs;
+  const double levels = cim::max_code(ctx.cell_bits);
+  double largest = 0;
+  for (int q0 = 0; q0 < cols; q0 += kTile) {
+    const int tile = std::min(kTile, cols - q0);
+    std::fill(tile_acc.begin(), tile_acc.begin() + size_t(tile) * outs, 0.0);
+    for (int s = 0; s < layer.subarrays(); ++s) {
+      const int groups = cim::lookup_groups(layer.subarray_begin[s + 1] - layer.subarray_begin[s]);
+      tile_patterns(layer, s, mapped, npos, n0 + q0, tile, input_bits, patterns);
+      for (int t = 0; t < input_bits; ++t) {
+        tile_partial_sums(tables[s], stride, groups, patterns.data() + size_t(t) * groups * kTile,
+                          tile, p.data());
+        for (int q = 0; q < tile; ++q) {
+          const float* pq = p.data() + size_t(q) * stride;
+          const double count = double(pq[slices * outs]);
+          largest = std::max(largest, cim::mul_rn(ctx.g_ref, count));
+          double* out = tile_acc.data() + size_t(q) * outs;
+          for (int m = 0; m < slices; ++m) {
+            const double place = std::ldexp(1.0, t + ctx.cell_bits * m);
+            for (int o = 0; o < outs; ++o) {
+              const float raw = pq[m * outs + o];
+              largest = std::max(largest, clean(double(raw), count));
+              out[o] += place * (2.0 * double(raw) - levels * count);
+            }
+          }
+        }
+      }
+    }
+    for (int q = 0; q < tile; ++q)
+      for (int o = 0; o < outs; ++o)
+        acc[size_t(o) * npos + n0 + q0 + q] = tile_acc[size_t(q) * outs + o];
+  }
+  return largest;
+}
+
+// The lookup path of run_cim: the same chunks of output positions as the GEMM path, each run on
+// its own, so that the result does not depend on the thread count.
+double lookup_layer(const ReadContext& ctx, const QuantisedLayer& layer,
+                    const std::vector<std::vector<float>>& tables, int input_bits,
+                    const std::vector<uint16_t>& mapped, int npos, std::vector<double>& acc) {
+  const int slices = ctx.slices, outs = ctx.outs;
+  const int stride = cim::lookup_stride(slices * outs + ctx.ref_rows);
+  const int reads = layer.subarrays() * input_bits;
+  const int chunks = (npos + kChunk - 1) / kChunk;
+  int max_groups = 0;
+  for (int s = 0; s < layer.subarrays(); ++s)
+    max_groups = std::max(
+        max_groups, cim::lookup_groups(layer.subarray_begin[s + 1] - layer.subarray_begin[s]));
+  // Each thread's tile buffers: bit patterns, partial sums, accumulators.
+  struct Scratch {
+    std::vector<uint8_t> patterns;
+    std::vector<float> p;
+    std::vector<double> tile_acc;
+  };
+  auto make_scratch = [&] {
+    return Scratch{std::vector<uint8_t>(size_t(input_bits) * max_groups * kTile),
+                   std::vector<float>(size_t(kTile) * stride),
+                   std::vector<double>(size_t(kTile) * outs)};
+  };
+
+  const size_t ranges = size_t(reads) * slices;
+  std::vector<double> lo(ranges), hi(ranges), ref_lo(ranges), ref_hi(ranges);
+  if (ctx.adc == AdcMode::kDynamic) {
+    std::vector<double> found(size_t(chunks) * ranges * 4);
+#pragma omp parallel if (chunks > 1)
+    {
+      Scratch scratch = make_scratch();
+#pragma omp for schedule(dynamic)
+      for (int chunk = 0; chunk < chunks; ++chunk) {
+        const int n0 = chunk * kChunk, cols = std::min(kChunk, npos - n0);
+        double* at = &found[size_t(chunk) * ranges * 4];
+        if (ctx.clean)
+          lookup_ranges_chunk<true>(ctx, layer, tables, stride, mapped, npos, n0, cols, input_bits,
+                                    at, scratch.patterns, scratch.p);
+        else
+          lookup_ranges_chunk<false>(ctx, layer, tables, stride, mapped, npos, n0, cols, input_bits,
+                                     at, scratch.patterns, scratch.p);
+      }
+    }
+    merge_ranges(found, chunks, reads, slices, lo, hi, ref_lo, ref_hi);
+  }
+
+  double largest = 0;
+#pragma omp parallel if (chunks > 1) reduction(max : largest)
+  {
+    Scratch scratch = make_scratch();
+    std::vector<uint8_t>& patterns = scratch.patterns;
+    std::vector<float>& p = scratch.p;
+    std::vector<double>& tile_acc = scratch.tile_acc;
+#pragma omp for schedule(dynamic)
+    for (int chunk = 0; chunk < chunks; ++chunk) {
+      const int n0 = chunk * kChunk, cols = std::min(kChunk, npos - n0);
+      if (ctx.ideal_clean) {
+        largest =
+            std::max(largest, lookup_exact_chunk(ctx, layer, tables, stride, mapped, npos, n0, cols,
+                                                 input_bits, acc.data(), patterns, p, tile_acc));
+        continue;
+      }
+      with_adc(ctx, [&](const auto& make_adc) {
+        if (ctx.clean)
+          lookup_accumulate_chunk<true>(ctx, make_adc, layer, tables, stride, mapped, npos, n0,
+                                        cols, input_bits, lo.data(), hi.data(), ref_lo.data(),
+                                        ref_hi.data(), acc.data(), patterns, p, tile_acc);
+        else
+          lookup_accumulate_chunk<false>(ctx, make_adc, layer, tables, stride, mapped, npos, n0,
+                                         cols, input_bits, lo.data(), hi.data(), ref_lo.data(),
+                                         ref_hi.data(), acc.data(), patterns, p, tile_acc);
+        return 0.0;
+      });
+    }
+  }
+  return largest;
 }
 
 }  // namespace
@@ -472,6 +881,13 @@ void CpuCimBackend::run_cim(const QuantisedLayer& layer, const std::vector<uint1
   ctx.gain = cim::recombination_gain(ctx.inv_onoff);
   ctx.full_scale = layer.adc_full_scale;
 
+  if (!cycle && !tables_[layer.index].empty()) {  // tabulated by program_chip
+    const double largest =
+        lookup_layer(ctx, layer, tables_[layer.index], config_.input_bits, mapped, npos, acc);
+    if (calibrating)
+      calibration_max_[layer.index] = std::max(calibration_max_[layer.index], largest);
+    return;
+  }
   const int subarrays = layer.subarrays(), input_bits = config_.input_bits;
   const int reads = subarrays * input_bits;  // reads per cell slice
   // Mode `cycle` draws every read's conductances afresh: program them all up front, so that the
@@ -524,20 +940,7 @@ void CpuCimBackend::run_cim(const QuantisedLayer& layer, const std::vector<uint1
         }
       }
     }
-    for (size_t i = 0; i < ranges_per_chunk; ++i) {
-      lo[i] = ref_lo[i] = std::numeric_limits<double>::infinity();
-      hi[i] = ref_hi[i] = -std::numeric_limits<double>::infinity();
-    }
-    for (int chunk = 0; chunk < chunks; ++chunk)
-      for (int read = 0; read < reads; ++read)
-        for (int m = 0; m < slices; ++m) {
-          const double* at = &found[(size_t(chunk) * reads + read) * slices * 4];
-          const size_t i = size_t(read) * slices + m;
-          lo[i] = std::min(lo[i], at[m]);
-          hi[i] = std::max(hi[i], at[slices + m]);
-          ref_lo[i] = std::min(ref_lo[i], at[2 * slices + m]);
-          ref_hi[i] = std::max(ref_hi[i], at[3 * slices + m]);
-        }
+    merge_ranges(found, chunks, reads, slices, lo, hi, ref_lo, ref_hi);
   }
 
   double largest = 0;

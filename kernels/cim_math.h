@@ -70,42 +70,63 @@ struct CleanPartialSum {
   }
 };
 
+// An ADC code clamped to [0, top], written as the two comparisons that vector max/min
+// instructions implement, so that conversion loops vectorise to them.
+HOST_DEVICE inline double clamp_code(double code, double top) {
+  code = code > 0.0 ? code : 0.0;
+  return code < top ? code : top;
+}
+
 // §4, ADC `fixed` and `calibrated`: codes 0 … 2^N − 1 over [0, full_scale], round to nearest.
 // Set up once per read, applied to every partial sum of it.
+// Codes of values that vary from chip to chip (`noisy`: σ > 0, sums of random conductances, so
+// no ties) are found by multiplying with 1/step, computed once per read, instead of dividing: a
+// division per conversion would cost more than a whole table-lookup read. Noise-free values (σ = 0,
+// and the reference column without its own variation) land on code boundaries often, so they are
+// divided exactly (cim-model.md §4, "ADC codes").
 struct FixedAdc {
-  double step, top;
+  double step, inv_step, top;
   HOST_DEVICE FixedAdc(double full_scale, int adc_bits)
-      : step(full_scale / double(max_code(adc_bits))), top(double(max_code(adc_bits))) {}
-  HOST_DEVICE double operator()(double x) const { return step > 0.0 ? quantise(x) : 0.0; }
-  // The conversion itself, branch-free so that loops over a read vectorise (needs step > 0).
-  HOST_DEVICE double quantise(double x) const {
-    double code = rint(x / step);
-    code = code < 0.0 ? 0.0 : (code > top ? top : code);
-    return mul_rn(code, step);
+      : step(full_scale / double(max_code(adc_bits))),
+        inv_step(step > 0.0 ? 1.0 / step : 0.0),
+        top(double(max_code(adc_bits))) {}
+  HOST_DEVICE double operator()(double x, bool noisy = false) const {
+    return step > 0.0 ? (noisy ? quantise_noisy(x) : quantise(x)) : 0.0;
   }
+  // The conversion itself, branch-free so that loops over a read vectorise (needs step > 0).
+  HOST_DEVICE double quantise(double x) const { return level(rint(x / step)); }
+  // The σ > 0 conversion (needs step > 0).
+  HOST_DEVICE double quantise_noisy(double x) const { return level(rint(mul_rn(x, inv_step))); }
+  HOST_DEVICE double level(double code) const { return mul_rn(clamp_code(code, top), step); }
 };
 
 // §4, ADC `dynamic` (NeuroSim's LinearQuantizeOut) over a read whose values span [lo, hi].
 struct DynamicAdc {
-  double lo, step, top;
+  double lo, step, inv_step, top;
   bool identity;  // Δ = 0: Q(x) = x
   HOST_DEVICE DynamicAdc(double lo_, double hi, int adc_bits)
       : lo(lo_),
         step(sub_rn(hi, lo_) / double(1 << adc_bits)),
+        inv_step(sub_rn(hi, lo_) == 0.0 ? 0.0 : 1.0 / step),
         top(double(max_code(adc_bits))),
         identity(sub_rn(hi, lo_) == 0.0) {}
-  HOST_DEVICE double operator()(double x) const { return identity ? x : quantise(x); }
+  HOST_DEVICE double operator()(double x, bool noisy = false) const {
+    return identity ? x : (noisy ? quantise_noisy(x) : quantise(x));
+  }
   // The conversion itself, branch-free so that loops over a read vectorise (needs !identity).
-  HOST_DEVICE double quantise(double x) const {
-    double code = floor(sub_rn(x, lo) / step);
-    code = code < 0.0 ? 0.0 : (code > top ? top : code);
-    return add_rn(lo, mul_rn(code, step));
+  HOST_DEVICE double quantise(double x) const { return level(floor(sub_rn(x, lo) / step)); }
+  // The σ > 0 conversion (needs !identity).
+  HOST_DEVICE double quantise_noisy(double x) const {
+    return level(floor(mul_rn(sub_rn(x, lo), inv_step)));
+  }
+  HOST_DEVICE double level(double code) const {
+    return add_rn(lo, mul_rn(clamp_code(code, top), step));
   }
 };
 
 // ADC `ideal`: no quantisation.
 struct IdealAdc {
-  HOST_DEVICE double operator()(double x) const { return x; }
+  HOST_DEVICE double operator()(double x, bool = false) const { return x; }
 };
 
 HOST_DEVICE inline double adc_fixed(double x, double full_scale, int adc_bits) {

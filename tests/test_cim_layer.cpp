@@ -1,15 +1,22 @@
 // One CIM layer of the CPU backend against independent naive implementations of cim-model.md:
 // exact at σ = 0 with an ideal ADC (the quantised digital layer), exact at σ = 0 with real ADCs
-// (integer partial sums), and within float rounding at σ > 0.
+// (integer partial sums), and within float rounding at σ > 0 — both read paths (table look-up and
+// GEMM). The look-up reads also follow kernels/lookup_read.h's order bit for bit, give the same
+// logits on 1 and 2 threads and any batch, and their tables fit the memory budget.
 #include <gtest/gtest.h>
+#include <omp.h>
 
 #include <cmath>
 #include <cstdint>
+#include <iostream>
+#include <limits>
 #include <random>
 #include <vector>
 
+#include "bench/random_resnet.h"
 #include "host/cim_cpu.h"
 #include "kernels/cim_math.h"
+#include "kernels/lookup_read.h"
 #include "kernels/noise.h"
 #include "tests/test_util.h"
 
@@ -19,6 +26,7 @@ using cimsweep::AdcMode;
 using cimsweep::CimConfig;
 using cimsweep::CimLayerSpec;
 using cimsweep::CpuCimBackend;
+using cimsweep::CpuReads;
 using cimsweep::Mapping;
 
 struct Case {
@@ -80,8 +88,9 @@ std::vector<int> reference_weight_levels(const LayerData& d, int weight_bits, fl
 }
 
 std::vector<float> run_backend(const LayerData& d, const CimConfig& config, double sigma,
-                               uint32_t trial = 0) {
+                               uint32_t trial = 0, CpuReads reads = CpuReads::kLookup) {
   CpuCimBackend backend({d.spec}, config);
+  backend.set_reads(reads);
   backend.program_chip(trial, sigma);
   const int oh = d.spec.output_size(d.h, d.spec.kernel_h),
             ow = d.spec.output_size(d.w, d.spec.kernel_w);
@@ -122,24 +131,27 @@ TEST_P(ExactAtZeroSigma, IdealAdcEqualsQuantisedDigitalLayer) {
   config.adc = AdcMode::kIdeal;
   config.subarray_rows = c.rows;
   config.mapping = c.mapping;
-  const std::vector<float> got = run_backend(d, config, 0.0);
+  for (CpuReads reads : {CpuReads::kLookup, CpuReads::kGemm}) {
+    SCOPED_TRACE(reads == CpuReads::kLookup ? "look-up reads" : "GEMM reads");
+    const std::vector<float> got = run_backend(d, config, 0.0, 0, reads);
 
-  float scale = 0;
-  const std::vector<int> d_levels = reference_weight_levels(d, 8, &scale);
-  const std::vector<int> a_levels = reference_input_levels(d, 8);
-  const double output_scale = double(scale) * double(d.spec.input_range) / (255.0 * 255.0);
-  size_t nonzero = 0, checked = 0;
-  for_each_output(d, a_levels, [&](size_t at, int o, const std::vector<int>& column) {
-    int64_t sum = 0;
-    for (int r = 0; r < d.spec.rows(); ++r)
-      sum += int64_t(2 * d_levels[size_t(o) * d.spec.rows() + r] - 255) * column[r];
-    const float expected = float(output_scale * double(sum) + double(d.bias[o]));
-    ASSERT_EQ(got[at], expected) << "output " << at;
-    nonzero += got[at] != 0.0f;
-    ++checked;
-  });
-  EXPECT_EQ(checked, got.size());
-  EXPECT_GT(nonzero, checked / 2);
+    float scale = 0;
+    const std::vector<int> d_levels = reference_weight_levels(d, 8, &scale);
+    const std::vector<int> a_levels = reference_input_levels(d, 8);
+    const double output_scale = double(scale) * double(d.spec.input_range) / (255.0 * 255.0);
+    size_t nonzero = 0, checked = 0;
+    for_each_output(d, a_levels, [&](size_t at, int o, const std::vector<int>& column) {
+      int64_t sum = 0;
+      for (int r = 0; r < d.spec.rows(); ++r)
+        sum += int64_t(2 * d_levels[size_t(o) * d.spec.rows() + r] - 255) * column[r];
+      const float expected = float(output_scale * double(sum) + double(d.bias[o]));
+      ASSERT_EQ(got[at], expected) << "output " << at;
+      nonzero += got[at] != 0.0f;
+      ++checked;
+    });
+    EXPECT_EQ(checked, got.size());
+    EXPECT_GT(nonzero, checked / 2);
+  }
 }
 
 std::vector<Case> exact_cases() {
@@ -284,23 +296,26 @@ TEST_P(AgainstNaiveReference, EveryReadMatches) {
   config.adc_bits = 6;  // coarse codes make a wrong range or rounding visible
   config.subarray_rows = 20;
   config.mapping = ac.mapping;
-  const std::vector<float> got = run_backend(d, config, ac.sigma, 4);
   const std::vector<double> want = reference_cim(d, config, ac.sigma, 4);
-  ASSERT_EQ(got.size(), want.size());
-  double scale = 0;
-  for (double v : want) scale = std::max(scale, std::fabs(v));
-  ASSERT_GT(scale, 0.0);
-  size_t mismatches = 0;
-  for (size_t i = 0; i < got.size(); ++i) {
-    ASSERT_FALSE(std::isnan(got[i])) << i;
-    // σ = 0: integer partial sums, so every ADC code agrees and only the final float rounding
-    // differs. σ > 0: float GEMM sums may flip a rare code at a boundary.
-    if (std::fabs(got[i] - want[i]) > 1e-5 * scale) ++mismatches;
+  for (CpuReads reads : {CpuReads::kLookup, CpuReads::kGemm}) {
+    SCOPED_TRACE(reads == CpuReads::kLookup ? "look-up reads" : "GEMM reads");
+    const std::vector<float> got = run_backend(d, config, ac.sigma, 4, reads);
+    ASSERT_EQ(got.size(), want.size());
+    double scale = 0;
+    for (double v : want) scale = std::max(scale, std::fabs(v));
+    ASSERT_GT(scale, 0.0);
+    size_t mismatches = 0;
+    for (size_t i = 0; i < got.size(); ++i) {
+      ASSERT_FALSE(std::isnan(got[i])) << i;
+      // σ = 0: integer partial sums, so every ADC code agrees and only the final float rounding
+      // differs. σ > 0: float GEMM sums may flip a rare code at a boundary.
+      if (std::fabs(got[i] - want[i]) > 1e-5 * scale) ++mismatches;
+    }
+    if (ac.sigma == 0 || ac.adc == AdcMode::kIdeal)
+      EXPECT_EQ(mismatches, 0u);
+    else
+      EXPECT_LE(mismatches, got.size() / 100) << "more code flips than float rounding explains";
   }
-  if (ac.sigma == 0 || ac.adc == AdcMode::kIdeal)
-    EXPECT_EQ(mismatches, 0u);
-  else
-    EXPECT_LE(mismatches, got.size() / 100) << "more code flips than float rounding explains";
 }
 
 INSTANTIATE_TEST_SUITE_P(Modes, AgainstNaiveReference,
@@ -325,6 +340,286 @@ TEST(CimLayer, VariationPerturbsOutputsMoreAtLargerSigma) {
     for (size_t i = 0; i < clean.size(); ++i) err += std::fabs(double(noisy[i]) - clean[i]);
     EXPECT_GT(err, previous) << "σ = " << sigma;
     previous = err;
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Table-lookup reads
+
+std::string read_name(CpuReads reads) {
+  return reads == CpuReads::kLookup ? "lookup" : "gemm";
+}
+
+// The tables hold, entry by entry, what cim::lookup_table_entry gives for the programmed chip,
+// and take the bytes lookup_table_bytes computes from the shapes.
+TEST(LookupReads, TablesHoldTheSharedEntriesOfTheProgrammedChip) {
+  std::mt19937 rng(cimsweep::testing::test_seed(501));
+  const LayerData d = make_layer({33, 3, 1, 20, Mapping::kKernel}, 5, rng);  // widths 20 and 13
+  for (bool reference_variation : {false, true}) {
+    for (double sigma : {0.0, 0.1}) {
+      CimConfig config;
+      config.subarray_rows = 20;
+      config.reference_variation = reference_variation;
+      CpuCimBackend backend({d.spec}, config);
+      backend.program_chip(3, sigma);
+      const cimsweep::QuantisedLayer& layer = backend.layers()[0];
+      const int columns =
+          config.cells_per_weight() * d.spec.out_channels + cimsweep::reference_rows(config, sigma);
+      const int stride = cim::lookup_stride(columns);
+      for (int s = 0; s < layer.subarrays(); ++s) {
+        const int width = layer.subarray_begin[s + 1] - layer.subarray_begin[s];
+        const std::vector<float>& operand = backend.programmed_subarray(0, s);
+        const std::vector<float>& table = backend.lookup_table(0, s);
+        ASSERT_EQ(table.size(), size_t(cim::lookup_groups(width)) * 16 * stride);
+        for (int g = 0; g < cim::lookup_groups(width); ++g)
+          for (int pattern = 0; pattern < 16; ++pattern)
+            for (int c = 0; c < stride; ++c) {
+              const int rows = std::min(4, width - 4 * g);
+              const float want = c < columns
+                                     ? cim::lookup_table_entry(&operand[size_t(c) * width + 4 * g],
+                                                               1, rows, pattern)
+                                     : 0.0f;
+              ASSERT_EQ(table[(size_t(g) * 16 + pattern) * stride + c], want)
+                  << "σ " << sigma << " sub-array " << s << " group " << g << " pattern " << pattern
+                  << " column " << c;
+            }
+      }
+      EXPECT_EQ(backend.lookup_table_bytes(), cimsweep::lookup_table_bytes(d.spec, config, sigma));
+    }
+  }
+}
+
+// The backend's vectorised loops give what the per-element functions of kernels/lookup_read.h
+// and cim_math.h give when run one output at a time, in the documented order (as a GPU thread per
+// output would): bit for bit, whatever the SIMD width the compiler chose.
+TEST(LookupReads, OutputsFollowTheSharedPerElementOrderBitForBit) {
+  std::mt19937 rng(cimsweep::testing::test_seed(502));
+  const LayerData d = make_layer({33, 3, 2, 20, Mapping::kKernel}, 6, rng);
+  for (AdcMode adc : {AdcMode::kDynamic, AdcMode::kFixed, AdcMode::kIdeal}) {
+    for (bool reference_variation : {false, true}) {
+      CimConfig config;
+      config.adc = adc;
+      config.adc_bits = 6;
+      config.subarray_rows = 20;
+      config.reference_variation = reference_variation;
+      const double sigma = 0.1;
+      CpuCimBackend backend({d.spec}, config);
+      backend.program_chip(4, sigma);
+      const cimsweep::QuantisedLayer& layer = backend.layers()[0];
+      const int oh = d.spec.output_size(d.h, d.spec.kernel_h);
+      const int ow = d.spec.output_size(d.w, d.spec.kernel_w);
+      std::vector<float> got(size_t(d.n) * d.spec.out_channels * oh * ow);
+      backend.run_layer(0, d.input.data(), d.n, d.h, d.w, got.data());
+
+      const int outs = d.spec.out_channels, slices = config.cells_per_weight();
+      const int ref_rows = cimsweep::reference_rows(config, sigma);
+      const int columns = slices * outs + ref_rows, stride = cim::lookup_stride(columns);
+      const double inv = config.inv_onoff(), g_ref = cim::reference_conductance(4, inv);
+      const double gain = cim::recombination_gain(inv);
+      // Input levels per output position in mapped row order.
+      std::vector<int> a_levels(d.input.size());
+      for (size_t i = 0; i < d.input.size(); ++i)
+        a_levels[i] = cim::input_level(d.input[i], d.spec.input_range, 8);
+      std::vector<std::vector<uint16_t>> mapped;
+      std::vector<size_t> first_output;
+      for_each_output(d, a_levels, [&](size_t at, int o, const std::vector<int>& column) {
+        if (o != 0) return;
+        std::vector<uint16_t> levels(d.spec.rows());
+        for (int r = 0; r < d.spec.rows(); ++r)
+          levels[r] = uint16_t(column[layer.mapped_to_logical[r]]);
+        mapped.push_back(levels);
+        first_output.push_back(at);
+      });
+      // Every read's partial sums [read][position][column], then the reads' dynamic ranges.
+      const int reads = layer.subarrays() * 8;
+      std::vector<float> p(size_t(reads) * mapped.size() * columns);
+      for (int s = 0; s < layer.subarrays(); ++s) {
+        const int r0 = layer.subarray_begin[s], width = layer.subarray_begin[s + 1] - r0;
+        const int groups = cim::lookup_groups(width);
+        for (int t = 0; t < 8; ++t)
+          for (size_t q = 0; q < mapped.size(); ++q) {
+            std::vector<uint8_t> patterns(groups);
+            for (int g = 0; g < groups; ++g)
+              patterns[g] = uint8_t(
+                  cim::lookup_pattern(&mapped[q][r0 + 4 * g], 1, std::min(4, width - 4 * g), t));
+            for (int c = 0; c < columns; ++c)
+              p[(size_t(s * 8 + t) * mapped.size() + q) * columns + c] = cim::lookup_partial_sum(
+                  backend.lookup_table(0, s).data(), stride, groups, patterns.data(), 1, c);
+          }
+      }
+      auto reference_of = [&](const float* pq, int m) {
+        return ref_rows == 1 ? cim::mul_rn(g_ref, double(pq[slices * outs]))
+                             : double(pq[slices * outs + m]);
+      };
+      const double inf = std::numeric_limits<double>::infinity();
+      std::vector<double> lo(size_t(reads) * slices, inf), hi(lo.size(), -inf);
+      std::vector<double> ref_lo(lo.size(), inf), ref_hi(lo.size(), -inf);
+      for (int read = 0; read < reads; ++read)
+        for (size_t q = 0; q < mapped.size(); ++q)
+          for (int m = 0; m < slices; ++m) {
+            const float* pq = &p[(size_t(read) * mapped.size() + q) * columns];
+            const size_t i = size_t(read) * slices + m;
+            for (int o = 0; o < outs; ++o) {
+              lo[i] = std::min(lo[i], double(pq[m * outs + o]));
+              hi[i] = std::max(hi[i], double(pq[m * outs + o]));
+            }
+            ref_lo[i] = std::min(ref_lo[i], reference_of(pq, m));
+            ref_hi[i] = std::max(ref_hi[i], reference_of(pq, m));
+          }
+      auto convert = [&](double x, size_t i, bool reference, int rows, bool noisy) {
+        if (adc == AdcMode::kIdeal) return x;
+        if (adc == AdcMode::kFixed) return cim::FixedAdc(rows * 15.0, 6)(x, noisy);
+        return reference ? cim::DynamicAdc(ref_lo[i], ref_hi[i], 6)(x, noisy)
+                         : cim::DynamicAdc(lo[i], hi[i], 6)(x, noisy);
+      };
+      size_t compared = 0;
+      for (size_t q = 0; q < mapped.size(); ++q)
+        for (int o = 0; o < outs; ++o) {
+          double acc = 0;
+          for (int read = 0; read < reads; ++read) {
+            const int s = read / 8, t = read % 8;
+            const int rows = layer.subarray_begin[s + 1] - layer.subarray_begin[s];
+            const float* pq = &p[(size_t(read) * mapped.size() + q) * columns];
+            for (int m = 0; m < slices; ++m) {
+              const size_t i = size_t(read) * slices + m;
+              const double place = std::ldexp(1.0, t + 4 * m);
+              const double ref_code = convert(reference_of(pq, m), i, true, rows, ref_rows > 1);
+              const double code = convert(double(pq[m * outs + o]), i, false, rows, true);
+              acc += place * (gain * (code - ref_code));
+            }
+          }
+          const size_t at = first_output[q] + size_t(o) * oh * ow;
+          const float want = float(layer.output_scale * acc + double(d.bias[o]));
+          ASSERT_EQ(got[at], want) << cimsweep::to_string(adc) << " reference variation "
+                                   << reference_variation << " position " << q << " out " << o;
+          ++compared;
+        }
+      EXPECT_EQ(compared, got.size());
+    }
+  }
+}
+
+// Look-up against GEMM reads of the same chip: bit for bit at σ = 0 (integer sums), within float
+// rounding at σ > 0 (the two sum the same floats in different orders; a rare code flips).
+struct ReadsCase {
+  AdcMode adc;
+  double sigma;
+  Mapping mapping;
+  bool reference_variation;
+};
+
+class LookupVsGemm : public ::testing::TestWithParam<ReadsCase> {};
+
+TEST_P(LookupVsGemm, SameNumbersUpToFloatRounding) {
+  const ReadsCase rc = GetParam();
+  std::mt19937 rng(cimsweep::testing::test_seed(503));
+  const LayerData d = make_layer({45, 3, 1, 128, rc.mapping}, 10, rng);
+  CimConfig config;
+  config.adc = rc.adc;
+  config.mapping = rc.mapping;
+  config.subarray_rows = 30;
+  config.reference_variation = rc.reference_variation;
+  const std::vector<float> lookup = run_backend(d, config, rc.sigma, 2, CpuReads::kLookup);
+  const std::vector<float> gemm = run_backend(d, config, rc.sigma, 2, CpuReads::kGemm);
+  ASSERT_EQ(lookup.size(), gemm.size());
+  double scale = 0;
+  for (float v : gemm) scale = std::max(scale, double(std::fabs(v)));
+  size_t differ = 0, beyond = 0;
+  for (size_t i = 0; i < gemm.size(); ++i) {
+    differ += lookup[i] != gemm[i];
+    beyond += std::fabs(double(lookup[i]) - gemm[i]) > 1e-5 * scale;
+  }
+  if (rc.sigma == 0) {
+    EXPECT_EQ(differ, 0u);
+  } else if (rc.adc == AdcMode::kIdeal) {
+    EXPECT_EQ(beyond, 0u);
+  } else {
+    EXPECT_LE(beyond, gemm.size() / 50) << "more code flips than float rounding explains";
+  }
+}
+
+INSTANTIATE_TEST_SUITE_P(
+    Modes, LookupVsGemm,
+    ::testing::Values(ReadsCase{AdcMode::kDynamic, 0.0, Mapping::kKernel, false},
+                      ReadsCase{AdcMode::kFixed, 0.0, Mapping::kDense, false},
+                      ReadsCase{AdcMode::kIdeal, 0.0, Mapping::kKernel, false},
+                      ReadsCase{AdcMode::kDynamic, 0.1, Mapping::kKernel, false},
+                      ReadsCase{AdcMode::kDynamic, 0.1, Mapping::kDense, true},
+                      ReadsCase{AdcMode::kFixed, 0.1, Mapping::kKernel, true},
+                      ReadsCase{AdcMode::kFixed, 0.1, Mapping::kDense, false},
+                      ReadsCase{AdcMode::kIdeal, 0.1, Mapping::kKernel, false}));
+
+// A small random ResNet-8 (width 4, 8×8 images): logits of 500 images with the look-up reads.
+struct SmallNet {
+  cimsweep::bench::RandomModel model;
+  std::vector<float> images;
+  SmallNet() {
+    cimsweep::ResNetArch arch;
+    arch.depth = 8;
+    arch.width = 4;
+    arch.input_height = arch.input_width = 8;
+    model = cimsweep::bench::make_random_resnet(arch, 11, "test_cim_layer");
+    std::mt19937 rng(cimsweep::testing::test_seed(504));
+    std::uniform_int_distribution<int> byte(0, 255);
+    images.resize(size_t(500) * 3 * 8 * 8);
+    for (float& v : images) v = float(byte(rng)) / 255.0f;
+  }
+  // Logits of images [0, count) in batches of `batch`, on `threads` threads.
+  std::vector<float> logits(const CimConfig& config, int count, int batch, int threads) const {
+    const int saved = omp_get_max_threads();
+    omp_set_num_threads(threads);
+    CpuCimBackend backend(model.loaded.network->cim_layers(), config);
+    backend.program_chip(1, 0.1);
+    std::vector<float> all;
+    for (int first = 0; first < count; first += batch) {
+      const int n = std::min(batch, count - first);
+      backend.begin_batch(uint32_t(first / batch));
+      const auto out =
+          model.loaded.network->forward(images.data() + size_t(first) * 3 * 64, n, backend);
+      all.insert(all.end(), out.back().begin(), out.back().end());
+    }
+    omp_set_num_threads(saved);
+    return all;
+  }
+};
+
+TEST(LookupReads, LogitsAreTheSameOnOneAndTwoThreadsAndInEveryBatch) {
+  const SmallNet net;
+  for (AdcMode adc : {AdcMode::kDynamic, AdcMode::kFixed, AdcMode::kIdeal}) {
+    CimConfig config;
+    config.adc = adc;
+    const std::vector<float> two = net.logits(config, 500, 500, 2);
+    EXPECT_EQ(net.logits(config, 500, 500, 1), two) << cimsweep::to_string(adc);
+    if (adc == AdcMode::kDynamic) continue;  // its range spans the batch (cim-model.md §4)
+    // Batches of 7 and of 1 give each image the logits it gets in the batch of 500.
+    const std::vector<float> sevens = net.logits(config, 49, 7, 2);
+    const std::vector<float> ones = net.logits(config, 5, 1, 1);
+    EXPECT_EQ(sevens, std::vector<float>(two.begin(), two.begin() + sevens.size()))
+        << cimsweep::to_string(adc);
+    EXPECT_EQ(ones, std::vector<float>(two.begin(), two.begin() + ones.size()))
+        << cimsweep::to_string(adc);
+  }
+}
+
+// The tables of ResNet-56 and of the width-32 ResNet-20 (the study's largest CPU networks) within
+// the 2 GB memory budget, with the reference column's own variation (the most columns), and what
+// the backend holds is what the shapes say.
+TEST(LookupReads, TablesOfResNet56AndWideResNet20FitTheMemoryBudget) {
+  for (int width : {16, 32}) {
+    cimsweep::ResNetArch arch;
+    arch.depth = width == 16 ? 56 : 20;
+    arch.width = width;
+    const auto model = cimsweep::bench::make_random_resnet(arch, 12, "test_cim_layer");
+    CimConfig config;
+    config.reference_variation = true;
+    size_t bytes = 0;
+    for (const CimLayerSpec& spec : model.loaded.network->cim_layers())
+      bytes += cimsweep::lookup_table_bytes(spec, config, 0.1);
+    std::cout << "[ tables   ] " << arch.describe() << ": " << bytes / 1e6 << " MB" << std::endl;
+    EXPECT_LT(bytes, size_t(2e9) / 10) << "a tenth of the budget leaves the rest to activations";
+    CpuCimBackend backend(model.loaded.network->cim_layers(), config);
+    backend.program_chip(0, 0.1);
+    EXPECT_EQ(backend.lookup_table_bytes(), bytes);
   }
 }
 
