@@ -83,6 +83,7 @@ void print_provenance(const json& p, std::ostream& out) {
   static const std::vector<std::pair<std::string, std::string>> known = {
       {"trained_by", "made by"},
       {"commit", "commit"},
+      {"resumed_at_commits", "resumed at"},
       {"command", "command"},
       {"command_line", "command"},
       {"data", "data"},

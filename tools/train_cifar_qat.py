@@ -26,6 +26,7 @@ import datetime
 import json
 import os
 import platform
+import re
 import shlex
 import subprocess
 import sys
@@ -256,6 +257,20 @@ def git_commit():
         return "unknown"
 
 
+def commits_in_log(log_path):
+    """The commit a run started at, from its log's first lines (checkpoints written before they
+    recorded their commits)."""
+    try:
+        with open(log_path) as file:
+            for line in file:
+                found = re.search(r"threads, commit (\S+)$", line.strip())
+                if found:
+                    return [found.group(1)]
+    except OSError:
+        pass
+    return [git_commit()]
+
+
 def relative(path):
     """A path as the provenance shows it: relative to the repository when inside it."""
     absolute = os.path.abspath(path)
@@ -317,6 +332,9 @@ def main(argv=None):
         :CALIBRATION_IMAGES]]
 
     start_epoch, history, wall_before = 0, [], 0.0
+    # Every commit the run was trained at, first the one it started at: a run resumed on another
+    # machine after the code moved on says so in its provenance instead of naming the last one.
+    commits = [git_commit()]
     if os.path.exists(checkpoint_path):
         state = torch.load(checkpoint_path)
         if state["args"] != run_identity(args):
@@ -329,6 +347,9 @@ def main(argv=None):
         torch.set_rng_state(state["torch_rng"])
         start_epoch, history, wall_before = state["epoch"], state["history"], state["wall"]
         quantisers.set_ranges(state["ranges"])
+        commits = state.get("commits") or commits_in_log(log_path)
+        if commits[-1] != git_commit():
+            commits.append(git_commit())
         log(f"resumed from {relative(checkpoint_path)} after epoch {start_epoch}")
     else:
         log(f"start: {shlex.join(['python3'] + [relative(a) if os.path.exists(a) else a for a in sys.argv])}")
@@ -376,7 +397,8 @@ def main(argv=None):
                            "model": model.state_dict(), "optimizer": optimizer.state_dict(),
                            "scheduler": scheduler.state_dict(), "generator": generator.get_state(),
                            "torch_rng": torch.get_rng_state(), "epoch": epoch + 1,
-                           "history": history, "wall": wall, "ranges": quantisers.ranges()},
+                           "history": history, "wall": wall, "ranges": quantisers.ranges(),
+                           "commits": commits},
                           checkpoint_path)
         log(f"epoch {epoch + 1}/{args.epochs}: loss {entry['loss']:.4f}, train acc "
             f"{entry['train_accuracy']:.4f} (augmented), 8-bit test acc "
@@ -407,7 +429,8 @@ def main(argv=None):
         relative(a) if os.path.exists(a) else a for a in sys.argv[1:]]
     provenance = {
         "trained_by": "tools/train_cifar_qat.py (PyTorch QAT with the evaluator's quantisers)",
-        "commit": git_commit(),
+        "commit": commits[0],
+        **({"resumed_at_commits": " ".join(commits[1:])} if len(commits) > 1 else {}),
         "command": shlex.join(command),
         "data": f"CIFAR-10 JPEG image folders ({relative(args.data)}), train "
                 f"{train_images.shape[0]} / test {test_images.shape[0]}, decoded by stb_image, "

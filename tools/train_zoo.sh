@@ -2,7 +2,8 @@
 # Trains the CIFAR-10 model zoo (models/README.md) one model after another, cheapest first, with
 # tools/train_cifar_qat.py. Safe to stop and start again, on this machine or a fresh one: a model
 # already in models/ is skipped, an unfinished one resumes from models/checkpoints/<name>/ (commit
-# that folder to carry a run to the next machine), a finished one's checkpoint is removed.
+# that folder to carry a run to the next machine), a finished one's checkpoint is removed and its
+# training log kept as models/logs/<name>.log.
 #   tools/train_zoo.sh DATA [NAME...]     DATA: CIFAR-10 image folders (train/, test/)
 # e.g. mkdir -p data/cifar10-jpeg && for s in train test; do
 #        tar xzf ../shared/data/cifar10-$s-jpeg.tar.gz -C data/cifar10-jpeg; done
@@ -33,5 +34,8 @@ for entry in "${zoo[@]}"; do
   # shellcheck disable=SC2086  # the arguments are words
   /usr/bin/python3 tools/train_cifar_qat.py --data "$data" $args --epochs 40 --lr 0.1 \
     --threads "$threads" --checkpoint-dir "models/checkpoints/$name" --out "$model"
-  rm -f "models/checkpoints/$name/checkpoint.pt"
+  # The model ships: its training log goes beside the other models' logs, the checkpoint goes.
+  mkdir -p models/logs
+  mv "models/checkpoints/$name/train.log" "models/logs/$name.log"
+  rm -rf "models/checkpoints/$name"
 done
