@@ -384,64 +384,64 @@ void chunk_ranges(const ReadContext& ctx, const float* p, int ld, int cols, doub
     chunk_ranges_for<false>(ctx, p, ld, cols, lo, hi, ref_lo, ref_hi);
 }
 
-// acc[q] += place·gain·(Q(P[q]) − Q(Pref)[q]) over one output row: the hot loop of the CPU
-// backend, instantiated per ADC kind so that it vectorises.
-template <bool kClean, class Quantise>
-void accumulate_row(const PartialSum<kClean>& partial, const Quantise& quantise,
-                    const float* __restrict row, const float* __restrict counts,
-                    const double* __restrict ref_codes, double place, double gain,
-                    double* __restrict out, int cols) {
+// codes[q] += code_weight·k(P[q]) over one output row (cim::add_code): the hot loop of the GEMM
+// reads, instantiated per ADC kind so that it vectorises.
+template <bool kClean, class Code>
+void add_codes_row(const PartialSum<kClean>& partial, const Code& code,
+                   const float* __restrict row, const float* __restrict counts, double code_weight,
+                   double* __restrict codes, int cols) {
 #pragma omp simd
-  for (int q = 0; q < cols; ++q)
-    out[q] += place * (gain * (quantise(partial(row[q], counts[q])) - ref_codes[q]));
+  for (int q = 0; q < cols; ++q) codes[q] = cim::add_code(codes[q], code_weight, code(partial(row[q], counts[q])));
 }
 
-// Calls `body` with the branch-free form of the ADC of one read: at σ = 0 (`clean`) the exact
-// division by the step, at σ > 0 the multiplication by its reciprocal (cim_math.h).
+// Calls body(code, adc) with the branch-free code function of one read's ADC: at σ = 0 (`clean`)
+// the exact division by the step, at σ > 0 the multiplication by its reciprocal (cim_math.h);
+// `adc` gives the code's offset and step.
 template <class Body>
-void with_quantiser(const cim::DynamicAdc& adc, bool clean, const Body& body) {
+void with_code(const cim::DynamicAdc& adc, bool clean, const Body& body) {
   if (adc.identity)
-    body(cim::IdealAdc());
+    body([](double x) { return x; }, adc);
   else if (clean)
-    body([adc](double x) { return adc.quantise(x); });
+    body([adc](double x) { return adc.code(x); }, adc);
   else
-    body([adc](double x) { return adc.quantise_noisy(x); });
+    body([adc](double x) { return adc.code_noisy(x); }, adc);
 }
 template <class Body>
-void with_quantiser(const cim::FixedAdc& adc, bool clean, const Body& body) {
+void with_code(const cim::FixedAdc& adc, bool clean, const Body& body) {
   if (!(adc.step > 0.0))
-    body([](double) { return 0.0; });
+    body([](double) { return 0.0; }, adc);
   else if (clean)
-    body([adc](double x) { return adc.quantise(x); });
+    body([adc](double x) { return adc.code(x); }, adc);
   else
-    body([adc](double x) { return adc.quantise_noisy(x); });
+    body([adc](double x) { return adc.code_noisy(x); }, adc);
 }
 template <class Body>
-void with_quantiser(const cim::IdealAdc& adc, bool, const Body& body) {
-  body(adc);
+void with_code(const cim::IdealAdc& adc, bool, const Body& body) {
+  body([](double x) { return x; }, adc);
 }
 
+// One read of a chunk in the order of cim::add_code / cim::add_common: codes[o][q] (row stride
+// acc_ld) and the positions' common part common[q].
 template <bool kClean, class MakeAdc>
 void accumulate_chunk_for(const ReadContext& ctx, const MakeAdc& make_adc, const float* p, int ld,
-                          int cols, int bit, double* acc, int acc_ld,
-                          std::vector<double>& ref_codes) {
+                          int cols, int bit, double* codes, int acc_ld, double* common) {
   const PartialSum<kClean> partial{cim::CleanPartialSum(ctx.cell_bits, ctx.inv_onoff)};
   const float* counts = p + size_t(ctx.slices * ctx.outs) * ld;
-  ref_codes.resize(size_t(ctx.slices) * cols);
   for (int m = 0; m < ctx.slices; ++m) {
+    const double weight = cim::read_weight(ctx.gain, bit, m, ctx.cell_bits);
     const auto ref_adc = make_adc(ctx.ref_lo[m], ctx.ref_hi[m], ctx.subarray_rows);
-    for (int q = 0; q < cols; ++q)
-      ref_codes[size_t(m) * cols + q] = ref_adc(reference_sum(ctx, p, ld, q, m), ctx.ref_rows > 1);
-  }
-  for (int m = 0; m < ctx.slices; ++m) {
-    const double place = std::ldexp(1.0, bit + ctx.cell_bits * m);
-    with_quantiser(make_adc(ctx.lo[m], ctx.hi[m], ctx.subarray_rows), kClean,
-                   [&](const auto& quantise) {
-                     for (int o = 0; o < ctx.outs; ++o)
-                       accumulate_row(partial, quantise, p + size_t(m * ctx.outs + o) * ld, counts,
-                                      ref_codes.data() + size_t(m) * cols, place, ctx.gain,
-                                      acc + size_t(o) * acc_ld, cols);
-                   });
+    with_code(make_adc(ctx.lo[m], ctx.hi[m], ctx.subarray_rows), kClean,
+              [&](const auto& code, const auto& adc) {
+                const double offset = adc.code_offset();
+                for (int q = 0; q < cols; ++q)
+                  common[q] = cim::add_common(common[q], weight, offset,
+                                              ref_adc(reference_sum(ctx, p, ld, q, m),
+                                                      ctx.ref_rows > 1));
+                const double code_weight = cim::mul_rn(weight, adc.code_step());
+                for (int o = 0; o < ctx.outs; ++o)
+                  add_codes_row(partial, code, p + size_t(m * ctx.outs + o) * ld, counts,
+                                code_weight, codes + size_t(o) * acc_ld, cols);
+              });
   }
 }
 
@@ -488,16 +488,17 @@ double with_adc(const ReadContext& ctx, const Run& run) {
   return 0;
 }
 
-// ADC and shift-and-add of one read for a chunk: acc[o][q] += 2^t·2^(cb·m)·gain·(Q(P) − Q(Pref)).
+// ADC and shift-and-add of one read for a chunk: 2^t·2^(cb·m)·gain·(Q(P) − Q(Pref)) added in the
+// order of cim::add_code (into acc[o][q]) and cim::add_common (into common[q]).
 // Returns the largest partial sum of the read when it is the exact one (ADC calibration), else 0.
 double accumulate_chunk(const ReadContext& ctx, const float* p, int ld, int cols, int bit,
-                        double* acc, int acc_ld, std::vector<double>& ref_codes) {
+                        double* acc, int acc_ld, double* common) {
   if (ctx.ideal_clean) return accumulate_exact_chunk(ctx, p, ld, cols, bit, acc, acc_ld);
   return with_adc(ctx, [&](const auto& make_adc) {
     if (ctx.clean)
-      accumulate_chunk_for<true>(ctx, make_adc, p, ld, cols, bit, acc, acc_ld, ref_codes);
+      accumulate_chunk_for<true>(ctx, make_adc, p, ld, cols, bit, acc, acc_ld, common);
     else
-      accumulate_chunk_for<false>(ctx, make_adc, p, ld, cols, bit, acc, acc_ld, ref_codes);
+      accumulate_chunk_for<false>(ctx, make_adc, p, ld, cols, bit, acc, acc_ld, common);
     return 0.0;
   });
 }
@@ -629,6 +630,32 @@ inline void row_min_max(const float* row, int n, float* lo, float* hi) {
   *hi = mx;
 }
 
+// Every read of one chunk, tile by tile, in the order sub-array, input bit: per tile of positions
+// [q0, q0 + tile), begin_tile(tile), then for each read the tile's partial sums in `p`
+// (p[q·stride + column]) and read(s, t, rows, tile), then end_tile(q0, tile).
+template <class BeginTile, class Read, class EndTile>
+void for_each_tile_read(const QuantisedLayer& layer,
+                        const std::vector<std::vector<float>>& tables, int stride,
+                        const std::vector<uint16_t>& mapped, int npos, int n0, int cols,
+                        int input_bits, std::vector<uint8_t>& patterns, std::vector<float>& p,
+                        const BeginTile& begin_tile, const Read& read, const EndTile& end_tile) {
+  for (int q0 = 0; q0 < cols; q0 += kTile) {
+    const int tile = std::min(kTile, cols - q0);
+    begin_tile(tile);
+    for (int s = 0; s < layer.subarrays(); ++s) {
+      const int rows = layer.subarray_begin[s + 1] - layer.subarray_begin[s];
+      const int groups = cim::lookup_groups(rows);
+      tile_patterns(layer, s, mapped, npos, n0 + q0, tile, input_bits, patterns);
+      for (int t = 0; t < input_bits; ++t) {
+        tile_partial_sums(tables[s], stride, groups, patterns.data() + size_t(t) * groups * kTile,
+                          tile, p.data());
+        read(s, t, rows, tile);
+      }
+    }
+    end_tile(q0, tile);
+  }
+}
+
 // ADC `dynamic`, first pass: every read's ranges over one chunk, from its partial sums (the
 // partial sum in level units rises with the raw sum, so the raw min and max are converted).
 template <bool kClean>
@@ -646,14 +673,9 @@ void lookup_ranges_chunk(const ReadContext& ctx, const QuantisedLayer& layer,
     found[size_t(i / slices) * slices * 4 + 2 * slices + i % slices] = inf;
     found[size_t(i / slices) * slices * 4 + 3 * slices + i % slices] = -inf;
   }
-  for (int q0 = 0; q0 < cols; q0 += kTile) {
-    const int tile = std::min(kTile, cols - q0);
-    for (int s = 0; s < layer.subarrays(); ++s) {
-      const int groups = cim::lookup_groups(layer.subarray_begin[s + 1] - layer.subarray_begin[s]);
-      tile_patterns(layer, s, mapped, npos, n0 + q0, tile, input_bits, patterns);
-      for (int t = 0; t < input_bits; ++t) {
-        tile_partial_sums(tables[s], stride, groups, patterns.data() + size_t(t) * groups * kTile,
-                          tile, p.data());
+  for_each_tile_read(
+      layer, tables, stride, mapped, npos, n0, cols, input_bits, patterns, p, [](int) {},
+      [&](int s, int t, int, int tile) {
         double* at = found + size_t(s * input_bits + t) * slices * 4;
         for (int q = 0; q < tile; ++q) {
           const float* pq = p.data() + size_t(q) * stride;
@@ -668,14 +690,28 @@ void lookup_ranges_chunk(const ReadContext& ctx, const QuantisedLayer& layer,
             at[3 * slices + m] = std::max(at[3 * slices + m], ref);
           }
         }
-      }
-    }
-  }
+      },
+      [](int, int) {});
 }
 
+// A tile's accumulators: the codes' part [q][o] and the part common to a position's outputs [q]
+// (cim::add_code, cim::add_common), zeroed per tile and written to acc[o][position] as their sum.
+struct TileSums {
+  std::vector<double> codes, common;
+  void clear(int tile, int outs) {
+    std::fill(codes.begin(), codes.begin() + size_t(tile) * outs, 0.0);
+    std::fill(common.begin(), common.begin() + tile, 0.0);
+  }
+  void write(int tile, int outs, int npos, int first, double* acc) const {
+    for (int q = 0; q < tile; ++q)
+      for (int o = 0; o < outs; ++o)
+        acc[size_t(o) * npos + first + q] = cim::add_rn(codes[size_t(q) * outs + o], common[q]);
+  }
+};
+
 // The read, the ADC and the shift-and-add of one chunk, fused per tile: for every sub-array and
-// input bit the tile's partial sums are looked up, converted and added into the tile's
-// accumulators [q][o] in the order of the GEMM path (sub-array, bit, slice).
+// input bit the tile's partial sums are looked up, converted and added into the tile's sums in
+// the order of cim::add_code and cim::add_common (sub-array, bit, slice).
 template <bool kClean, class MakeAdc>
 void lookup_accumulate_chunk(const ReadContext& ctx, const MakeAdc& make_adc,
                              const QuantisedLayer& layer,
@@ -684,50 +720,51 @@ void lookup_accumulate_chunk(const ReadContext& ctx, const MakeAdc& make_adc,
                              int input_bits, const double* lo, const double* hi,
                              const double* ref_lo, const double* ref_hi, double* acc,
                              std::vector<uint8_t>& patterns, std::vector<float>& p,
-                             std::vector<double>& tile_acc) {
+                             TileSums& sums) {
   const cim::CleanPartialSum clean(ctx.cell_bits, ctx.inv_onoff);
   const int slices = ctx.slices, outs = ctx.outs;
   const bool noisy_reference = ctx.ref_rows > 1;
-  double counts[kTile], ref_codes[kTile];
-  for (int q0 = 0; q0 < cols; q0 += kTile) {
-    const int tile = std::min(kTile, cols - q0);
-    std::fill(tile_acc.begin(), tile_acc.begin() + size_t(tile) * outs, 0.0);
-    for (int s = 0; s < layer.subarrays(); ++s) {
-      const int rows = layer.subarray_begin[s + 1] - layer.subarray_begin[s];
-      const int groups = cim::lookup_groups(rows);
-      tile_patterns(layer, s, mapped, npos, n0 + q0, tile, input_bits, patterns);
-      for (int t = 0; t < input_bits; ++t) {
-        tile_partial_sums(tables[s], stride, groups, patterns.data() + size_t(t) * groups * kTile,
-                          tile, p.data());
+  for_each_tile_read(
+      layer, tables, stride, mapped, npos, n0, cols, input_bits, patterns, p,
+      [&](int tile) { sums.clear(tile, outs); },
+      [&](int s, int t, int rows, int tile) {
         const size_t read = size_t(s) * input_bits + t;
-        for (int q = 0; q < tile; ++q) counts[q] = double(p[size_t(q) * stride + slices * outs]);
         for (int m = 0; m < slices; ++m) {
-          // place·(gain·y) = (place·gain)·y exactly: place is a power of 2.
-          const double weight = std::ldexp(ctx.gain, t + ctx.cell_bits * m);
+          const double weight = cim::read_weight(ctx.gain, t, m, ctx.cell_bits);
           const auto ref_adc = make_adc(ref_lo[read * slices + m], ref_hi[read * slices + m], rows);
-          for (int q = 0; q < tile; ++q)
-            ref_codes[q] = ref_adc(position_reference(ctx, p.data() + size_t(q) * stride, m),
-                                   noisy_reference);
-          with_quantiser(
-              make_adc(lo[read * slices + m], hi[read * slices + m], rows), kClean,
-              [&](const auto& quantise) {
-                for (int q = 0; q < tile; ++q) {
-                  const float* __restrict row = p.data() + size_t(q) * stride + m * outs;
-                  double* __restrict out = tile_acc.data() + size_t(q) * outs;
-                  const double count = counts[q], ref_code = ref_codes[q];
+          const auto adc_of_read = make_adc(lo[read * slices + m], hi[read * slices + m], rows);
+          const double offset = adc_of_read.code_offset();
+          // The reference's level Q(Pref) = its offset + step·code, per position, in one loop
+          // over the tile that vectorises (the reference is noise-free unless it varies itself).
+          with_code(ref_adc, !noisy_reference, [&](const auto& ref_code, const auto& adc) {
+            const double ref_offset = adc.code_offset(), ref_step = adc.code_step();
+            double* __restrict common = sums.common.data();
+            const float* __restrict ref = p.data() + slices * outs + (ctx.ref_rows == 1 ? 0 : m);
+            const bool counted = ctx.ref_rows == 1;  // the all-ones row: Pref = g_ref·Σb
+            for (int q = 0; q < tile; ++q) {
+              const double x = counted ? cim::mul_rn(ctx.g_ref, double(ref[size_t(q) * stride]))
+                                       : double(ref[size_t(q) * stride]);
+              const double level = cim::add_rn(ref_offset, cim::mul_rn(ref_step, ref_code(x)));
+              common[q] = cim::add_common(common[q], weight, offset, level);
+            }
+          });
+          with_code(adc_of_read, kClean,
+                    [&](const auto& code, const auto& adc) {
+                      const double code_weight = cim::mul_rn(weight, adc.code_step());
+                      for (int q = 0; q < tile; ++q) {
+                        const float* pq = p.data() + size_t(q) * stride;
+                        const float* __restrict row = pq + m * outs;
+                        double* __restrict out = sums.codes.data() + size_t(q) * outs;
+                        const double count = double(pq[slices * outs]);
 #pragma omp simd
-                  for (int o = 0; o < outs; ++o)
-                    out[o] += weight *
-                              (quantise(level_units<kClean>(clean, row[o], count)) - ref_code);
-                }
-              });
+                        for (int o = 0; o < outs; ++o)
+                          out[o] = cim::add_code(out[o], code_weight,
+                                                 code(level_units<kClean>(clean, row[o], count)));
+                      }
+                    });
         }
-      }
-    }
-    for (int q = 0; q < tile; ++q)
-      for (int o = 0; o < outs; ++o)
-        acc[size_t(o) * npos + n0 + q0 + q] = tile_acc[size_t(q) * outs + o];
-  }
+      },
+      [&](int q0, int tile) { sums.write(tile, outs, npos, n0 + q0, acc); });
 }
 
 // The σ = 0, ideal-ADC read by table look-up (and ADC calibration): 2·Σd·b − L·Σb exactly.
@@ -735,25 +772,20 @@ double lookup_exact_chunk(const ReadContext& ctx, const QuantisedLayer& layer,
                           const std::vector<std::vector<float>>& tables, int stride,
                           const std::vector<uint16_t>& mapped, int npos, int n0, int cols,
                           int input_bits, double* acc, std::vector<uint8_t>& patterns,
-                          std::vector<float>& p, std::vector<double>& tile_acc) {
+                          std::vector<float>& p, TileSums& sums) {
   const cim::CleanPartialSum clean(ctx.cell_bits, ctx.inv_onoff);
   const int slices = ctx.slices, outs = ctx.outs;
   const double levels = cim::max_code(ctx.cell_bits);
   double largest = 0;
-  for (int q0 = 0; q0 < cols; q0 += kTile) {
-    const int tile = std::min(kTile, cols - q0);
-    std::fill(tile_acc.begin(), tile_acc.begin() + size_t(tile) * outs, 0.0);
-    for (int s = 0; s < layer.subarrays(); ++s) {
-      const int groups = cim::lookup_groups(layer.subarray_begin[s + 1] - layer.subarray_begin[s]);
-      tile_patterns(layer, s, mapped, npos, n0 + q0, tile, input_bits, patterns);
-      for (int t = 0; t < input_bits; ++t) {
-        tile_partial_sums(tables[s], stride, groups, patterns.data() + size_t(t) * groups * kTile,
-                          tile, p.data());
+  for_each_tile_read(
+      layer, tables, stride, mapped, npos, n0, cols, input_bits, patterns, p,
+      [&](int tile) { sums.clear(tile, outs); },
+      [&](int, int t, int, int tile) {
         for (int q = 0; q < tile; ++q) {
           const float* pq = p.data() + size_t(q) * stride;
           const double count = double(pq[slices * outs]);
           largest = std::max(largest, cim::mul_rn(ctx.g_ref, count));
-          double* out = tile_acc.data() + size_t(q) * outs;
+          double* out = sums.codes.data() + size_t(q) * outs;
           for (int m = 0; m < slices; ++m) {
             const double place = std::ldexp(1.0, t + ctx.cell_bits * m);
             for (int o = 0; o < outs; ++o) {
@@ -763,12 +795,8 @@ double lookup_exact_chunk(const ReadContext& ctx, const QuantisedLayer& layer,
             }
           }
         }
-      }
-    }
-    for (int q = 0; q < tile; ++q)
-      for (int o = 0; o < outs; ++o)
-        acc[size_t(o) * npos + n0 + q0 + q] = tile_acc[size_t(q) * outs + o];
-  }
+      },
+      [&](int q0, int tile) { sums.write(tile, outs, npos, n0 + q0, acc); });
   return largest;
 }
 
@@ -789,12 +817,12 @@ double lookup_layer(const ReadContext& ctx, const QuantisedLayer& layer,
   struct Scratch {
     std::vector<uint8_t> patterns;
     std::vector<float> p;
-    std::vector<double> tile_acc;
+    TileSums sums;
   };
   auto make_scratch = [&] {
     return Scratch{std::vector<uint8_t>(size_t(input_bits) * max_groups * kTile),
                    std::vector<float>(size_t(kTile) * stride),
-                   std::vector<double>(size_t(kTile) * outs)};
+                   TileSums{std::vector<double>(size_t(kTile) * outs), std::vector<double>(kTile)}};
   };
 
   const size_t ranges = size_t(reads) * slices;
@@ -825,25 +853,25 @@ double lookup_layer(const ReadContext& ctx, const QuantisedLayer& layer,
     Scratch scratch = make_scratch();
     std::vector<uint8_t>& patterns = scratch.patterns;
     std::vector<float>& p = scratch.p;
-    std::vector<double>& tile_acc = scratch.tile_acc;
+    TileSums& sums = scratch.sums;
 #pragma omp for schedule(dynamic)
     for (int chunk = 0; chunk < chunks; ++chunk) {
       const int n0 = chunk * kChunk, cols = std::min(kChunk, npos - n0);
       if (ctx.ideal_clean) {
         largest =
             std::max(largest, lookup_exact_chunk(ctx, layer, tables, stride, mapped, npos, n0, cols,
-                                                 input_bits, acc.data(), patterns, p, tile_acc));
+                                                 input_bits, acc.data(), patterns, p, sums));
         continue;
       }
       with_adc(ctx, [&](const auto& make_adc) {
         if (ctx.clean)
           lookup_accumulate_chunk<true>(ctx, make_adc, layer, tables, stride, mapped, npos, n0,
                                         cols, input_bits, lo.data(), hi.data(), ref_lo.data(),
-                                        ref_hi.data(), acc.data(), patterns, p, tile_acc);
+                                        ref_hi.data(), acc.data(), patterns, p, sums);
         else
           lookup_accumulate_chunk<false>(ctx, make_adc, layer, tables, stride, mapped, npos, n0,
                                          cols, input_bits, lo.data(), hi.data(), ref_lo.data(),
-                                         ref_hi.data(), acc.data(), patterns, p, tile_acc);
+                                         ref_hi.data(), acc.data(), patterns, p, sums);
         return 0.0;
       });
     }
@@ -947,12 +975,13 @@ void CpuCimBackend::run_cim(const QuantisedLayer& layer, const std::vector<uint1
 #pragma omp parallel if (chunks > 1) reduction(max : largest)
   {
     std::vector<float> bits(size_t(max_width) * kChunk), p(size_t(operand_rows) * kChunk);
-    std::vector<double> tile(size_t(outs) * kChunk), ref_codes;
+    std::vector<double> tile(size_t(outs) * kChunk), common(kChunk);
     ReadContext read_ctx = ctx;
 #pragma omp for schedule(dynamic)
     for (int chunk = 0; chunk < chunks; ++chunk) {
       const int n0 = chunk * kChunk, cols = std::min(kChunk, npos - n0);
       std::fill(tile.begin(), tile.begin() + size_t(outs) * cols, 0.0);
+      std::fill(common.begin(), common.end(), 0.0);
       for (int read = 0; read < reads; ++read) {
         const int s = read / input_bits, bit = read % input_bits;
         gemm_read(s, bit, n0, cols, bits, p.data());
@@ -962,10 +991,11 @@ void CpuCimBackend::run_cim(const QuantisedLayer& layer, const std::vector<uint1
         read_ctx.ref_lo = &ref_lo[size_t(read) * slices];
         read_ctx.ref_hi = &ref_hi[size_t(read) * slices];
         largest = std::max(largest, accumulate_chunk(read_ctx, p.data(), cols, cols, bit,
-                                                     tile.data(), cols, ref_codes));
+                                                     tile.data(), cols, common.data()));
       }
       for (int o = 0; o < outs; ++o)
-        std::copy_n(tile.data() + size_t(o) * cols, cols, acc.data() + size_t(o) * npos + n0);
+        for (int q = 0; q < cols; ++q)
+          acc[size_t(o) * npos + n0 + q] = cim::add_rn(tile[size_t(o) * cols + q], common[q]);
     }
   }
   if (calibrating) calibration_max_[layer.index] = std::max(calibration_max_[layer.index], largest);

@@ -38,7 +38,7 @@ namespace {
 struct RunOptions {
   std::vector<std::pair<std::string, std::string>> cim;  // CIM options in command-line order
   std::string data, split, results, format = "md", output, backend = "auto", shard, devices,
-                                                            precision = "exact";
+                                                            precision = "exact", predictions;
   // kNotGiven, a value nobody types, marks an option left out, so that a negative one is refused.
   static constexpr int kNotGiven = std::numeric_limits<int>::min();
   long long limit = kNotGiven;
@@ -240,6 +240,33 @@ OutputPath prepare_output(const RunOptions& o, const std::vector<std::pair<std::
   return output;
 }
 
+// --predictions, checked before any work like --output: writable, none of the inputs, neither
+// the table nor the results; and only where every run's per-image answers are at hand.
+OutputPath prepare_predictions(const RunOptions& o,
+                               const std::vector<std::pair<std::string, std::string>>& inputs) {
+  if (o.predictions.empty()) return {};
+  if (o.resume)
+    throw UserError("--predictions with --resume: the trials taken from the results file have "
+                    "no per-image predictions; run without --resume (or with a new --results)");
+  if (!o.exit_policy.policy.empty())
+    throw UserError("--predictions with --exit-policy: the file holds every exit's class "
+                    "(exit_predicted), not the policy's choice; leave --exit-policy out");
+  OutputPath predictions(o.predictions, "--predictions");
+  refuse_same_file(o.predictions, "--predictions", o.output, "--output");
+  refuse_same_file(o.predictions, "--predictions", o.results, "--results");
+  for (const auto& [path, what] : inputs)
+    refuse_same_file(o.predictions, "--predictions", path, what);
+  return predictions;
+}
+
+// The per-image lines of every run, in the table's order (clean first, then trial by trial).
+void write_predictions(const std::vector<TrialRecord>& records, const OutputPath& predictions) {
+  OutputWriter writer(predictions);
+  for (const TrialRecord& record : records)
+    writer.write(record.prediction_lines.data(), record.prediction_lines.size());
+  writer.commit();
+}
+
 int run_info(const std::string& path, const std::string& format) {
   if (format != "text" && format != "json")
     throw UserError("unknown --format '" + format + "': use text or json");
@@ -352,6 +379,9 @@ int run_cli(int argc, char** argv) {
   eval->add_option("model", eval_model, "model file (.safetensors)")->required();
   eval->add_option("--sigma", eval_sigma, "conductance variation σ (default 0)");
   add_run_options(eval, eval_options);
+  eval->add_option("--predictions", eval_options.predictions,
+                   "write every image's label, predicted class and logits, per run (clean, "
+                   "each trial), to this JSON Lines file (atomically)");
 
   RunOptions sweep_options;
   std::string spec_path, sigma_list;
@@ -434,6 +464,7 @@ int run_cli(int argc, char** argv) {
       inputs.emplace_back(plan.data_path, "--data");
     for (const auto& [path, what] : inputs) refuse_same_file(o.results, "--results", path, what);
     const OutputPath output = prepare_output(o, inputs);
+    const OutputPath predictions = prepare_predictions(o, inputs);
     if (o.threads > 0) omp_set_num_threads(capped_threads(o.threads));
     SweepOptions options;
     options.results_path = o.results;
@@ -446,7 +477,9 @@ int run_cli(int argc, char** argv) {
     options.on_start = [&workers] { announce_backend(workers); };
     options.exit_policy = o.exit_policy;
     options.policy_on_cim = o.policy_on_cim;
+    options.keep_predictions = !predictions.empty();
     const std::vector<TrialRecord> records = run_sweep(plan, options);
+    if (!predictions.empty()) write_predictions(records, predictions);
     emit_table(records, o, output, plan.ci_width, plan.max_trials);
     return 0;
   } catch (const UserError& e) {

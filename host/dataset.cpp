@@ -612,6 +612,10 @@ Dataset load_image_folder(const fs::path& root, const std::string& shown) {
     }
     data.labels[i] = files[i].label;
   });
+  data.image_names.reserve(files.size());
+  for (const ImageFile& file : files)
+    data.image_names.push_back(file.path.parent_path().filename().string() + "/" +
+                               file.path.filename().string());
   data.description = "image folder " + shown;
   return data;
 }
@@ -725,7 +729,11 @@ Dataset select_images(const Dataset& data, const std::vector<size_t>& which,
   const size_t elements = data.image_elements();
   subset.pixels.resize(which.size() * elements);
   subset.labels.resize(which.size());
+  subset.reader_indices.resize(which.size());
+  if (!data.image_names.empty()) subset.image_names.resize(which.size());
   for (size_t k = 0; k < which.size(); ++k) {
+    subset.reader_indices[k] = data.reader_index(which[k]);
+    if (!data.image_names.empty()) subset.image_names[k] = data.image_names[which[k]];
     std::copy(data.image(which[k]), data.image(which[k]) + elements,
               subset.pixels.begin() + std::ptrdiff_t(k * elements));
     subset.labels[k] = data.labels[which[k]];

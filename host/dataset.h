@@ -17,8 +17,14 @@ struct Dataset {
   std::vector<int32_t> labels;           // in [0, num_classes)
   std::vector<std::string> class_names;  // may be empty
   std::string description;               // e.g. "IDX /usr/share/datasets/fashion-mnist (t10k)"
+  // Image folders: every image's "<class folder>/<file name>" (empty for the other formats).
+  std::vector<std::string> image_names;
+  // A subset (select_images): where each image stands in the reader's order of the whole data
+  // set. Empty: image i is the reader's image i.
+  std::vector<size_t> reader_indices;
 
   size_t size() const { return labels.size(); }
+  size_t reader_index(size_t i) const { return reader_indices.empty() ? i : reader_indices[i]; }
   size_t image_elements() const { return size_t(channels) * height * width; }
   const uint8_t* image(size_t i) const { return pixels.data() + i * image_elements(); }
 };

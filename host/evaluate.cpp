@@ -120,6 +120,8 @@ TrialRecord TrialRunner::classify_all(double sigma, int trial, const BatchCallba
   const size_t total = data_.size(), per_image = data_.image_elements();
   std::vector<uint64_t> exit_correct(exits, 0);
   std::vector<float> images;
+  std::vector<int> predicted;  // [image][exit] of the batch
+  std::string prediction_lines;
   KeepStatistics keep_statistics(blockdrop_ ? block_macs(net) : BlockMacs{});
   if (blockdrop_) blockdrop_->set_chip(uint32_t(std::max(trial, 0)), sigma, trial < 0);
   uint32_t batch_index = 0;
@@ -137,12 +139,24 @@ TrialRecord TrialRunner::classify_all(double sigma, int trial, const BatchCallba
     const auto logits =
         net.forward(images.data(), int(count), *backend_, keep.empty() ? nullptr : keep.data());
     if (observations) observations->add_batch(logits, classes, &data_.labels[first], count);
+    predicted.assign(count * size_t(exits), 0);
     for (int e = 0; e < exits; ++e) {
       for (size_t i = 0; i < count; ++i) {
         const float* row = logits[e].data() + i * classes;
-        const int predicted = int(std::max_element(row, row + classes) - row);
-        exit_correct[e] += predicted == data_.labels[first + i];
+        predicted[i * exits + e] = int(std::max_element(row, row + classes) - row);
+        exit_correct[e] += predicted[i * exits + e] == data_.labels[first + i];
       }
+    }
+    for (size_t i = 0; keep_predictions_ && i < count; ++i) {
+      const size_t image = first + i;
+      std::vector<int> exit_predicted;
+      if (exits > 1) exit_predicted.assign(&predicted[i * exits], &predicted[(i + 1) * exits]);
+      prediction_lines +=
+          prediction_line(label_, sigma, trial, data_.reader_index(image),
+                          data_.image_names.empty() ? std::string() : data_.image_names[image],
+                          data_.labels[image], logits.back().data() + i * classes, classes,
+                          exit_predicted) +
+          "\n";
     }
     if (on_batch) on_batch(first + count);
   }
@@ -157,6 +171,7 @@ TrialRecord TrialRunner::classify_all(double sigma, int trial, const BatchCallba
   if (exits > 1)
     for (uint64_t c : exit_correct)
       record.exit_accuracy.push_back(100.0 * double(c) / double(total));
+  record.prediction_lines = std::move(prediction_lines);
   record.seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
   // What a figure's caption says about the run (host/plot_command.cpp); not part of the identity.
   record.extra = {
@@ -165,6 +180,24 @@ TrialRecord TrialRunner::classify_all(double sigma, int trial, const BatchCallba
   if (exit_policy_ && observations == &policy_observations)
     exit_policy_->apply(sigma, *observations, record);
   return record;
+}
+
+std::string prediction_line(const std::string& model, double sigma, int trial, size_t index,
+                            const std::string& file, int label, const float* logits, int classes,
+                            const std::vector<int>& exit_predicted) {
+  nlohmann::ordered_json line;
+  line["model"] = model;
+  line["sigma"] = sigma;
+  line["trial"] = trial;
+  line["index"] = index;
+  if (!file.empty()) line["file"] = file;
+  line["label"] = label;
+  line["predicted"] = int(std::max_element(logits, logits + classes) - logits);
+  // A float32 widened to double is written with the digits that give that double back, so the
+  // logits read back exactly.
+  line["logits"] = std::vector<double>(logits, logits + classes);
+  if (!exit_predicted.empty()) line["exit_predicted"] = exit_predicted;
+  return line.dump();
 }
 
 }  // namespace cimsweep

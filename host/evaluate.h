@@ -44,6 +44,9 @@ class TrialRunner {
   // Every σ of the sweep this runner belongs to joins the configuration hash, so that trials of
   // a sweep with other σ values (whose shards hold other units) are never resumed or merged in.
   void set_sweep_sigmas(std::vector<double> sigmas);
+  // From now on every record carries one JSON line per image in prediction_lines (the format of
+  // `eval --predictions`, prediction_line below).
+  void set_keep_predictions(bool keep) { keep_predictions_ = keep; }
   // Every exit's softmax statistics of every image on chip (sigma, trial): calibration chips.
   ExitObservations observe_trial(double sigma, uint32_t trial);
 
@@ -64,7 +67,16 @@ class TrialRunner {
   std::vector<double> sweep_sigmas_;
   BackendChoice backend_choice_;
   std::unique_ptr<BlockDropDecider> blockdrop_;
+  bool keep_predictions_ = false;
 };
+
+// One image of one run as `eval --predictions` writes it: {"model", "sigma", "trial" (−1: the
+// clean reference), "index" (in the reader's order of the whole data set), "file" (image folders:
+// "<class>/<file>"), "label", "predicted", "logits" (the final exit's, float32 written exactly)},
+// plus "exit_predicted" (every exit's class, final last) for multi-exit models. No newline.
+std::string prediction_line(const std::string& model, double sigma, int trial, size_t index,
+                            const std::string& file, int label, const float* logits, int classes,
+                            const std::vector<int>& exit_predicted);
 
 // The identity of (model file, data, CIM configuration): every trial record carries it, and
 // --resume only reuses records whose hash matches.

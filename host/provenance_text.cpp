@@ -108,9 +108,14 @@ void print_provenance(const json& p, std::ostream& out) {
       line(out, label, plain(p[key]));
     }
   }
-  const bool exits = p.contains("exit_float_test_accuracy");
-  if (p.contains("float_test_accuracy") || exits) {
-    const json& f = exits ? p["exit_float_test_accuracy"] : p["float_test_accuracy"];
+  // A model with early exits has one accuracy per exit; a one-head list (what the CIFAR trainer
+  // writes for every model) is no exits.
+  const bool exits = p.contains("exit_float_test_accuracy") &&
+                     p["exit_float_test_accuracy"].is_array() &&
+                     p["exit_float_test_accuracy"].size() > 1;
+  if (p.contains("float_test_accuracy") || p.contains("exit_float_test_accuracy")) {
+    const json& f = exits || !p.contains("float_test_accuracy") ? p["exit_float_test_accuracy"]
+                                                                : p["float_test_accuracy"];
     line(out, "float test acc", accuracies(f) + (exits ? " (exits, final last)" : ""));
   }
   if (p.contains("quantised_digital_test_accuracy") ||

@@ -616,6 +616,25 @@ void mark_stopping_rule(std::vector<TableRow>& rows, double ci_width, int max_tr
   }
 }
 
+namespace {
+
+// At σ = 0 nothing varies, so every chip is the same chip and a sweep runs one (sweep.cpp): the
+// cell's interval is that chip's accuracy, of zero width, since there is no chip-to-chip
+// variation to estimate (also for older files that hold several, necessarily equal, σ = 0 chips).
+void no_chip_variation(double sigma, Summary& s) {
+  if (sigma != 0 || s.n == 0 || s.min != s.max) return;
+  s.mean = s.median = s.p05 = s.p95 = s.min;
+  s.std = 0.0;
+  s.ci_low = s.ci_high = s.min;
+}
+
+bool without_chip_variation(const TableRow& row) {
+  return row.sigma == 0 && row.accuracy.n > 0 && row.accuracy.std == 0.0 &&
+         row.accuracy.ci_low == row.accuracy.ci_high;
+}
+
+}  // namespace
+
 std::vector<TableRow> aggregate(const std::vector<TrialRecord>& records) {
   struct Group {
     size_t model_index;
@@ -677,8 +696,10 @@ std::vector<TableRow> aggregate(const std::vector<TrialRecord>& records) {
     row.model = models[group.model_index];
     row.sigma = group.sigma;
     row.accuracy = accuracy_summary(group.accuracy);
+    no_chip_variation(row.sigma, row.accuracy);
     for (const std::vector<double>& values : group.exit_accuracy) {
       row.exit_accuracy.push_back(accuracy_summary(values));
+      no_chip_variation(row.sigma, row.exit_accuracy.back());
     }
     auto clean = clean_accuracy.find(row.model);
     if (clean != clean_accuracy.end()) row.clean_accuracy = clean->second;
@@ -794,6 +815,9 @@ std::string format_markdown(const std::vector<TableRow>& rows) {
     }
     out << "\n";
   }
+  if (std::any_of(rows.begin(), rows.end(), without_chip_variation))
+    out << "\nσ = 0: nothing varies, so every chip is the same chip: one is run, and its 95 % "
+           "interval has zero width.\n";
   return out.str();
 }
 

@@ -26,6 +26,9 @@ struct TrialRecord {
   std::vector<double> exit_accuracy;  // percent per exit, empty for single-exit models
   double seconds = 0;
   nlohmann::json extra;  // free-form (backend, policy...), written if not null
+  // `eval --predictions`: one JSON line per image (TrialRunner::set_keep_predictions); never part
+  // of the results file, so a resumed record has none.
+  std::string prediction_lines;
 };
 
 // One JSON object per record. NaN accuracies or seconds are written as null and read back as NaN.

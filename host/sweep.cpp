@@ -112,8 +112,12 @@ std::vector<TrialRecord> run_sweep(const SweepPlan& plan, const SweepOptions& op
   // The shard's work units are planned (and kept) in memory; a sweep too big for that is one
   // for more shards, and saying so beats running out of memory half-way through planning.
   // (validate_plan keeps every trial number below the calibration chips' 2^30.)
-  const int64_t units_per_model =
-      (plan.clean_reference ? 1 : 0) + int64_t(plan.sigmas.size()) * int64_t(plan.trials);
+  // At σ = 0 nothing varies, so every chip is the same chip: a σ = 0 cell runs one, trial
+  // first_trial, whatever --trials asks (aggregate() reports its interval as zero width).
+  auto one_chip = [](double sigma) { return sigma == 0; };
+  auto chips_at = [&](double sigma) -> int64_t { return one_chip(sigma) ? 1 : plan.trials; };
+  int64_t units_per_model = plan.clean_reference ? 1 : 0;
+  for (double sigma : plan.sigmas) units_per_model += chips_at(sigma);
   const int64_t total_units = units_per_model * int64_t(plan.models.size());
   const int64_t shard_units =
       total_units / options.shard_count + (options.shard_index < total_units % options.shard_count);
@@ -167,6 +171,7 @@ std::vector<TrialRecord> run_sweep(const SweepPlan& plan, const SweepOptions& op
     runners[0][m]->set_exit_policy(policies[m]);
     runners[0][m]->set_blockdrop(blockdrops[m]);
     runners[0][m]->set_sweep_sigmas(plan.sigmas);
+    runners[0][m]->set_keep_predictions(options.keep_predictions);
   }
 
   std::unique_ptr<ResultsLog> log;
@@ -260,6 +265,7 @@ std::vector<TrialRecord> run_sweep(const SweepPlan& plan, const SweepOptions& op
             runner_slot->set_exit_policy(policies[unit.model]);
             runner_slot->set_blockdrop(blockdrops[unit.model]);
             runner_slot->set_sweep_sigmas(plan.sigmas);
+            runner_slot->set_keep_predictions(options.keep_predictions);
           }
           TrialRunner& runner = *runner_slot;
           const std::string what = plan.models[unit.model].label +
@@ -297,7 +303,8 @@ std::vector<TrialRecord> run_sweep(const SweepPlan& plan, const SweepOptions& op
   };
 
   if (!plan.adaptive()) {
-    // Work units in a fixed order: per model its clean reference, then σ-major, trial-minor. The
+    // Work units in a fixed order: per model its clean reference, then σ-major, trial-minor (one
+    // trial at σ = 0). The
     // shard is chosen by position in this order, so it is the same on every node. Only this
     // shard's positions are visited (every shard_count-th), decoded arithmetically: planning
     // costs the shard's units, not the whole sweep's.
@@ -310,9 +317,11 @@ std::vector<TrialRecord> run_sweep(const SweepPlan& plan, const SweepOptions& op
       const int64_t local = position % units_per_model;
       Unit unit{m, 0.0, -1};
       if (local >= clean_units) {
-        const int64_t index = local - clean_units;
-        unit.sigma = plan.sigmas[size_t(index / plan.trials)];
-        unit.trial = int(plan.first_trial + index % plan.trials);
+        int64_t index = local - clean_units;
+        size_t k = 0;
+        while (index >= chips_at(plan.sigmas[k])) index -= chips_at(plan.sigmas[k++]);
+        unit.sigma = plan.sigmas[k];
+        unit.trial = int(plan.first_trial + index);
       }
       units.push_back(unit);
     }
@@ -341,7 +350,7 @@ std::vector<TrialRecord> run_sweep(const SweepPlan& plan, const SweepOptions& op
   for (size_t m = 0; m < models.size(); ++m) {
     auto add = [&](double sigma, bool clean) {
       if (int(cell_number++ % size_t(options.shard_count)) == options.shard_index)
-        cells.push_back({m, sigma, clean, clean ? 1 : plan.min_trials});
+        cells.push_back({m, sigma, clean, clean || one_chip(sigma) ? 1 : plan.min_trials});
     };
     if (plan.clean_reference) add(0.0, true);
     for (double sigma : plan.sigmas) add(sigma, false);
@@ -372,7 +381,7 @@ std::vector<TrialRecord> run_sweep(const SweepPlan& plan, const SweepOptions& op
     for (size_t i = 0; i < done.size(); ++i) cells[owner[i]].records.push_back(std::move(done[i]));
     for (Cell& cell : cells) {
       if (cell.settled) continue;
-      if (cell.clean) {
+      if (cell.clean || one_chip(cell.sigma)) {  // one run: the clean one, or σ = 0
         cell.settled = true;
         continue;
       }

@@ -38,6 +38,8 @@ struct SweepOptions {
   // BlockDrop models (a model path that is a policy file, host/blockdrop_eval.h): run the policy
   // on the simulated chip too (--policy-on-cim) instead of digitally.
   bool policy_on_cim = false;
+  // Every record run (not resumed) carries its per-image predictions (`eval --predictions`).
+  bool keep_predictions = false;
 };
 
 // Returns the records of this plan's configuration and shard (resumed and new), clean references

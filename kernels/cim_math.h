@@ -94,10 +94,15 @@ struct FixedAdc {
     return step > 0.0 ? (noisy ? quantise_noisy(x) : quantise(x)) : 0.0;
   }
   // The conversion itself, branch-free so that loops over a read vectorise (needs step > 0).
-  HOST_DEVICE double quantise(double x) const { return level(rint(x / step)); }
+  HOST_DEVICE double quantise(double x) const { return level(code(x)); }
   // The σ > 0 conversion (needs step > 0).
-  HOST_DEVICE double quantise_noisy(double x) const { return level(rint(mul_rn(x, inv_step))); }
-  HOST_DEVICE double level(double code) const { return mul_rn(clamp_code(code, top), step); }
+  HOST_DEVICE double quantise_noisy(double x) const { return level(code_noisy(x)); }
+  // The code alone, clamped: quantise(x) = level(code(x)) = code_offset() + code_step()·code.
+  HOST_DEVICE double code(double x) const { return clamp_code(rint(x / step), top); }
+  HOST_DEVICE double code_noisy(double x) const { return clamp_code(rint(mul_rn(x, inv_step)), top); }
+  HOST_DEVICE double level(double code) const { return mul_rn(code, step); }
+  HOST_DEVICE double code_offset() const { return 0.0; }
+  HOST_DEVICE double code_step() const { return step > 0.0 ? step : 0.0; }
 };
 
 // §4, ADC `dynamic` (NeuroSim's LinearQuantizeOut) over a read whose values span [lo, hi].
@@ -114,19 +119,25 @@ struct DynamicAdc {
     return identity ? x : (noisy ? quantise_noisy(x) : quantise(x));
   }
   // The conversion itself, branch-free so that loops over a read vectorise (needs !identity).
-  HOST_DEVICE double quantise(double x) const { return level(floor(sub_rn(x, lo) / step)); }
+  HOST_DEVICE double quantise(double x) const { return level(code(x)); }
   // The σ > 0 conversion (needs !identity).
-  HOST_DEVICE double quantise_noisy(double x) const {
-    return level(floor(mul_rn(sub_rn(x, lo), inv_step)));
+  HOST_DEVICE double quantise_noisy(double x) const { return level(code_noisy(x)); }
+  // The code alone, clamped: quantise(x) = level(code(x)) = code_offset() + code_step()·code.
+  HOST_DEVICE double code(double x) const { return clamp_code(floor(sub_rn(x, lo) / step), top); }
+  HOST_DEVICE double code_noisy(double x) const {
+    return clamp_code(floor(mul_rn(sub_rn(x, lo), inv_step)), top);
   }
-  HOST_DEVICE double level(double code) const {
-    return add_rn(lo, mul_rn(clamp_code(code, top), step));
-  }
+  HOST_DEVICE double level(double code) const { return add_rn(lo, mul_rn(code, step)); }
+  // With Δ = 0 the "code" is x itself.
+  HOST_DEVICE double code_offset() const { return identity ? 0.0 : lo; }
+  HOST_DEVICE double code_step() const { return identity ? 1.0 : step; }
 };
 
-// ADC `ideal`: no quantisation.
+// ADC `ideal`: no quantisation (the "code" is x itself).
 struct IdealAdc {
   HOST_DEVICE double operator()(double x, bool = false) const { return x; }
+  HOST_DEVICE double code_offset() const { return 0.0; }
+  HOST_DEVICE double code_step() const { return 1.0; }
 };
 
 HOST_DEVICE inline double adc_fixed(double x, double full_scale, int adc_bits) {
@@ -134,6 +145,24 @@ HOST_DEVICE inline double adc_fixed(double x, double full_scale, int adc_bits) {
 }
 HOST_DEVICE inline double adc_dynamic(double x, double lo, double hi, int adc_bits) {
   return DynamicAdc(lo, hi, adc_bits)(x);
+}
+
+// §5, the shift-and-add in one fixed order (cim-model.md §5, "Summation order"). A read r of slice m
+// and input bit t adds w_r·(Q(P) − Q(Pref)), w_r = 2^t·2^(cb·m)·gain, and its ADC is affine in its
+// code k: Q(P) = a_r + b_r·k. Per output the sum is split into the codes' part Σ_r (w_r·b_r)·k_r,
+// one multiply-add per output and read, and the part common to the position's outputs,
+// Σ_r w_r·(a_r − Q(Pref_r)), once per position and read; each adds its reads in the order
+// sub-array, input bit, slice from 0, and the output is codes + common. (Without an ADC k = x,
+// a = 0, b = 1.)
+HOST_DEVICE inline double read_weight(double gain, int bit, int slice, int cell_bits) {
+  return ldexp(gain, bit + cell_bits * slice);  // exact: a power of 2 times gain
+}
+HOST_DEVICE inline double add_code(double codes, double code_weight, double code) {
+  return add_rn(codes, mul_rn(code_weight, code));
+}
+HOST_DEVICE inline double add_common(double common, double weight, double code_offset,
+                                     double reference_level) {
+  return add_rn(common, mul_rn(weight, sub_rn(code_offset, reference_level)));
 }
 
 // §5: the factor 2/(1 − 1/r) that turns Q(P) − Q(Pref) back into signed weight units.

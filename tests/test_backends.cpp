@@ -317,20 +317,26 @@ bool exact_numbers(const Mode& m) {
 }
 
 // The agreement that float32 partial sums summed in different orders allow: none beyond 1e-5
-// when no ADC decision depends on the order (σ = 0, ADC ideal, digital), else at most 25 % of the
-// outputs (or 8) moved by a code flip of some read, by little on average (measured with a Haswell
-// OpenBLAS over 30 seeds: ≤ 12 % beyond, mean ≤ 1.1e-4 of the scale). A flip of a high-order read
-// can move one output by 2 % of the scale, and with the reference column's own variation it moves
-// every output of a position.
+// when no ADC decision depends on the order (σ = 0, ADC ideal, digital); else a few outputs moved
+// by a code flip of some read. A flip of a high-order read can move one output by 2 % of the
+// scale, and with the reference column's own variation a flipped reference code moves every
+// output of a position, hence the larger share there. Bounds from the maxima of ReferenceVsCpu
+// measured over 30 seeds (CIMSWEEP_TEST_SEED=1…30, 2520 cases, 1430 bit-identical; the default
+// seeds: 47 of 84 bit-identical, at most 8 of 180 beyond): without reference variation at most
+// 5.6 % of the outputs beyond (10 of 180; 2 where a layer has under 150 outputs), bound 1/12
+// (8.3 %); with it at most 16.1 % (29 of 180), bound 1/5; mean |diff| at most 9.9e-5 of the
+// scale, bound 2e-4. The CUDA backend's exact mode equals the reference bit for bit (CudaVsCpu
+// asserts it first), so the same bounds hold for it.
 void expect_backend_agreement(const Agreement& a, const Mode& m, const std::string& what) {
   EXPECT_EQ(a.nans, 0u) << what << ": " << describe(a);
   EXPECT_GT(a.nonzero, a.count / 2) << what << ": outputs mostly zero: " << describe(a);
   if (exact_numbers(m) || m.adc == AdcMode::kIdeal) {
     EXPECT_EQ(a.beyond, 0u) << what << ": " << describe(a);
   } else {
-    EXPECT_LE(a.beyond, std::max<size_t>(8, a.count / 4))
+    const size_t share = m.reference_variation ? a.count / 5 : a.count / 12;
+    EXPECT_LE(a.beyond, std::max<size_t>(4, share))
         << what << ": more code flips than float rounding explains: " << describe(a);
-    EXPECT_LE(a.mean_abs, 1e-3 * a.scale) << what << ": " << describe(a);
+    EXPECT_LE(a.mean_abs, 2e-4 * a.scale) << what << ": " << describe(a);
   }
 }
 
@@ -380,21 +386,83 @@ TEST_P(ReferenceVsCpu, Agree) {
 
 INSTANTIATE_TEST_SUITE_P(Layers, ReferenceVsCpu, ::testing::ValuesIn(all_cases()), case_name);
 
-TEST(Reference, ProgramsTheCpuBackendsChipBitForBit) {
+// Sub-array `sub` of a noisy chip (σ > 0) as cim-model.md §1–§2 define it, written out here from
+// the weights, not from quantise_layer or kernels/: s = max|W|, ŵ = W/s in float32,
+// D = round((2^wb − 1)/2·(ŵ + 1)) ties to even, d_m = (D >> cb·m) & L, g = (1 − 1/r)·d + L/r,
+// g̃ = g·(1 + σz) (0 if clamped and negative); the reference column g_ref = L(1 + 1/r)/2 with its
+// own z under --reference-variation, else the all-ones row that counts Σb. z is the chip's
+// noise (kernels/noise.h, checked against published vectors in test_noise) at weight cell
+// (o·K + row)·nc + m and reference cell row·nc + m. Only the sub-array's row order comes from the
+// backend (mapped_to_logical). Layout [column][row]: columns m·Cout + o, then the reference rows.
+std::vector<float> chip_by_the_model(const LayerData& d, const CimConfig& config,
+                                     const QuantisedLayer& layer, double sigma, int sub) {
+  const int outs = d.spec.out_channels, rows = d.spec.rows(), nc = config.cells_per_weight();
+  const int L = (1 << config.cell_bits) - 1, top = (1 << config.weight_bits) - 1;
+  const double inv_r = std::isinf(config.onoff_ratio) ? 0.0 : 1.0 / config.onoff_ratio;
+  float s = 0;
+  for (float w : d.weight) s = std::max(s, std::fabs(w));
+  const int r0 = layer.subarray_begin[sub], width = layer.subarray_begin[sub + 1] - r0;
+  const int ref_rows = config.reference_variation ? nc : 1;
+  const cim::NoiseKey key{config.seed, kTrial};
+  auto varied = [&](double g, float z) {
+    const double v = g * (1.0 + sigma * double(z));
+    return float(config.clamp_at_zero && v < 0 ? 0.0 : v);
+  };
+  std::vector<float> operand(size_t(nc * outs + ref_rows) * width);
+  for (int k = 0; k < width; ++k) {
+    const int row = layer.mapped_to_logical[r0 + k];
+    for (int o = 0; o < outs; ++o) {
+      const float w_hat = d.weight[size_t(o) * rows + row] / s;
+      const int D = int(std::nearbyint(top / 2.0 * (double(w_hat) + 1.0)));
+      for (int m = 0; m < nc; ++m) {
+        const int level = (D >> (config.cell_bits * m)) & L;
+        const double g = (1.0 - inv_r) * level + L * inv_r;
+        const float z =
+            cim::cell_noise(key, 0, cim::kWeightCells, (uint64_t(o) * rows + row) * nc + m, 0);
+        operand[size_t(m * outs + o) * width + k] = varied(g, z);
+      }
+    }
+    for (int m = 0; m < ref_rows; ++m) {
+      const float z = cim::cell_noise(key, 0, cim::kReferenceCells, uint64_t(row) * nc + m, 0);
+      operand[size_t(nc * outs + m) * width + k] =
+          config.reference_variation ? varied(L * (1.0 + inv_r) / 2.0, z) : 1.0f;
+    }
+  }
+  return operand;
+}
+
+// The CPU backend's chip and the CUDA kernels' CPU reference's chip, each against the model
+// written out above, bit for bit: device variation with reference variation and clamping at
+// σ = 0.6 (a cell clamps where z < −1/0.6, 4.8 % of cells: counted, so the clamp is exercised),
+// and on/off = ∞ (Gmin = 0: level-0 cells stay exactly 0 whatever z).
+TEST(Reference, ProgramsTheChipTheCimModelDescribes) {
+  Mode clamping = kModes[9];
+  clamping.sigma = 0.6;
   for (const Shape& s : {kShapes[1], kShapes[4]}) {
-    for (const Mode& m : {kModes[1], kModes[9]}) {
+    for (const Mode& m : {kModes[1], clamping, kModes[10]}) {
       const LayerData d = make_layer(s, 5);
       const CimConfig config = make_config(s, m);
       CpuCimBackend cpu({d.spec}, config);
       cpu.program_chip(kTrial, m.sigma);
       const QuantisedLayer& layer = cpu.layers()[0];
+      size_t clamped = 0, cells = 0;
       for (int sub = 0; sub < layer.subarrays(); ++sub) {
-        const std::vector<float> want = cpu.programmed_subarray(0, sub);
-        const std::vector<float> got =
+        const std::vector<float> want = chip_by_the_model(d, config, layer, m.sigma, sub);
+        const std::vector<float> got = cpu.programmed_subarray(0, sub);
+        const std::vector<float> reference =
             cimref::program_subarray(layer, config, m.sigma, kTrial, sub, 0);
         ASSERT_EQ(got.size(), want.size());
+        ASSERT_EQ(reference.size(), want.size());
         EXPECT_EQ(std::memcmp(got.data(), want.data(), got.size() * sizeof(float)), 0)
-            << s.name << " " << m.name << " sub-array " << sub;
+            << "CPU backend: " << s.name << " " << m.name << " sub-array " << sub;
+        EXPECT_EQ(std::memcmp(reference.data(), want.data(), want.size() * sizeof(float)), 0)
+            << "CUDA reference: " << s.name << " " << m.name << " sub-array " << sub;
+        for (float v : want) clamped += v == 0.0f;
+        cells += want.size();
+      }
+      if (m.clamp) {
+        EXPECT_GT(clamped, cells / 50) << s.name << ": σ = 0.6 must clamp some cells";
+        EXPECT_LT(clamped, cells / 10) << s.name;
       }
     }
   }

@@ -472,22 +472,45 @@ TEST(LookupReads, OutputsFollowTheSharedPerElementOrderBitForBit) {
         return reference ? cim::DynamicAdc(ref_lo[i], ref_hi[i], 6)(x, noisy)
                          : cim::DynamicAdc(lo[i], hi[i], 6)(x, noisy);
       };
+      // A weight sum's ADC code, and the offset and step that make it Q = offset + step·code.
+      auto code_of = [&](double x, size_t i, int rows, double* offset, double* step) {
+        if (adc == AdcMode::kIdeal) {
+          *offset = 0.0;
+          *step = 1.0;
+          return x;
+        }
+        if (adc == AdcMode::kFixed) {
+          const cim::FixedAdc fixed(rows * 15.0, 6);
+          *offset = fixed.code_offset();
+          *step = fixed.code_step();
+          return fixed.code_noisy(x);
+        }
+        const cim::DynamicAdc dynamic(lo[i], hi[i], 6);
+        *offset = dynamic.code_offset();
+        *step = dynamic.code_step();
+        return dynamic.identity ? x : dynamic.code_noisy(x);
+      };
       size_t compared = 0;
       for (size_t q = 0; q < mapped.size(); ++q)
         for (int o = 0; o < outs; ++o) {
-          double acc = 0;
+          double codes = 0, common = 0;  // cim::add_code, cim::add_common
           for (int read = 0; read < reads; ++read) {
             const int s = read / 8, t = read % 8;
             const int rows = layer.subarray_begin[s + 1] - layer.subarray_begin[s];
             const float* pq = &p[(size_t(read) * mapped.size() + q) * columns];
             for (int m = 0; m < slices; ++m) {
               const size_t i = size_t(read) * slices + m;
-              const double place = std::ldexp(1.0, t + 4 * m);
-              const double ref_code = convert(reference_of(pq, m), i, true, rows, ref_rows > 1);
-              const double code = convert(double(pq[m * outs + o]), i, false, rows, true);
-              acc += place * (gain * (code - ref_code));
+              const double weight = cim::read_weight(gain, t, m, 4);
+              EXPECT_EQ(weight, std::ldexp(1.0, t + 4 * m) * gain);
+              const double ref_level = convert(reference_of(pq, m), i, true, rows, ref_rows > 1);
+              double offset, step;
+              const double code = code_of(double(pq[m * outs + o]), i, rows, &offset, &step);
+              ASSERT_EQ(offset + step * code, convert(double(pq[m * outs + o]), i, false, rows, true));
+              codes = cim::add_code(codes, weight * step, code);
+              common = cim::add_common(common, weight, offset, ref_level);
             }
           }
+          const double acc = codes + common;
           const size_t at = first_output[q] + size_t(o) * oh * ow;
           const float want = float(layer.output_scale * acc + double(d.bias[o]));
           ASSERT_EQ(got[at], want) << cimsweep::to_string(adc) << " reference variation "

@@ -116,8 +116,9 @@ TEST_F(CliSafety, TrialNumbersStayBelowTheCalibrationRange) {
                                 dir.file("ft.jsonl")),
                    "2^30");
   EXPECT_FALSE(fs::exists(dir.file("ft.jsonl")));
-  // The last two trials below 2^30 still run, and --no-clean means no clean record.
-  const auto r = run_cimsweep("eval " + common + " --no-clean --first-trial 1073741822 --trials 2 "
+  // The last two trials below 2^30 still run, and --no-clean means no clean record (at σ > 0:
+  // a σ = 0 cell runs one chip whatever the trial count).
+  const auto r = run_cimsweep("eval " + common + " --sigma 0.05 --no-clean --first-trial 1073741822 --trials 2 "
                               "--results " + dir.file("ok.jsonl"));
   ASSERT_EQ(r.exit_code, 0) << r.err;
   const auto records = cimsweep::read_results_file(dir.file("ok.jsonl"));

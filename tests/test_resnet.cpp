@@ -2,7 +2,9 @@
 // (tools/make_golden.py: the quantised digital network, i.e. σ = 0 with an ideal ADC), plus
 // block masks and architecture validation.
 #include <gtest/gtest.h>
+#include <omp.h>
 
+#include <algorithm>
 #include <cmath>
 #include <fstream>
 #include <random>
@@ -20,6 +22,7 @@
 namespace {
 
 using namespace cimsweep;
+using cimsweep::testing::test_seed;
 
 const std::string kGoldenDir = std::string(CIMSWEEP_SOURCE_DIR) + "/tests/data/";
 const char* kGoldenModels[] = {"golden_resnet8_k3_w4_rgb_shortcutA",
@@ -100,6 +103,158 @@ TEST(ResNet, KeepAllMaskEqualsNoMaskAndSkippingChangesOnlySkippedImages) {
       EXPECT_NE(a, b);
     else
       EXPECT_EQ(a, b);  // the ideal ADC does not couple images
+  }
+}
+
+// Logits of the first `n` of `images` (`per_image` floats each) run in consecutive batches of
+// `batch` on chip `trial` at σ, batch k announced as begin_batch(k), as the evaluator does:
+// [exit][image · classes + class].
+std::vector<std::vector<float>> batched_logits(const ResNet& net, CimBackend& backend,
+                                               const std::vector<float>& images, int n,
+                                               size_t per_image, int batch, uint32_t trial,
+                                               double sigma) {
+  backend.program_chip(trial, sigma);
+  std::vector<std::vector<float>> per_exit;
+  uint32_t batch_index = 0;
+  for (int first = 0; first < n; first += batch, ++batch_index) {
+    const int count = std::min(batch, n - first);
+    backend.begin_batch(batch_index);
+    const auto logits = net.forward(images.data() + size_t(first) * per_image, count, backend);
+    per_exit.resize(logits.size());
+    for (size_t e = 0; e < logits.size(); ++e)
+      per_exit[e].insert(per_exit[e].end(), logits[e].begin(), logits[e].end());
+  }
+  return per_exit;
+}
+
+// The first `n` images' rows of every exit.
+std::vector<std::vector<float>> first_images(const std::vector<std::vector<float>>& logits, int n,
+                                             int classes) {
+  std::vector<std::vector<float>> head;
+  for (const auto& exit : logits) head.emplace_back(exit.begin(), exit.begin() + size_t(n) * classes);
+  return head;
+}
+
+bool any_nonzero(const std::vector<std::vector<float>>& logits) {
+  for (const auto& exit : logits)
+    for (float v : exit)
+      if (v != 0.0f) return true;
+  return false;
+}
+
+// Random 11×13 grey images for the awkward golden ResNet-8 (5×5 kernels, width 3, option-B
+// shortcuts, two early exits).
+std::vector<float> random_images(int n, size_t per_image, uint32_t seed) {
+  std::mt19937 rng(seed);
+  std::uniform_int_distribution<int> pixel(0, 255);
+  std::vector<float> images(size_t(n) * per_image);
+  for (float& v : images) v = float(pixel(rng)) / 255.0f;
+  return images;
+}
+
+// Batches of 1 and 7 run over the first kFewImages (a few hundred forward calls would be slow
+// under AddressSanitizer); the batch of 500 over all 500.
+constexpr int kManyImages = 500, kMediumBatch = 84, kFewImages = 21;
+
+// The README's claim "same command, same table": a whole network with the dynamic ADC on a noisy
+// chip (σ = 0.1, device and reference variation, 6-bit ADC so that codes are coarse) gives the
+// same logits bit for bit on 1 and 2 threads, for batches of 1, 7 and 500. The dynamic ADC's range
+// spans the batch, so each batch size is compared with itself (the next tests cover the
+// batch-independent ADCs across sizes, and permutations within a dynamic batch).
+TEST(ResNetDeterminism, DynamicAdcNoisyChipSameLogitsOnOneAndTwoThreadsAtBatch1And7And500) {
+  Golden g = load_golden(kGoldenModels[1]);
+  const ResNet& net = *g.model.network;
+  const ResNetArch& arch = net.arch();
+  const size_t per_image = size_t(arch.in_channels) * arch.input_height * arch.input_width;
+  const auto images = random_images(kManyImages, per_image, test_seed(1401));
+  CimConfig config;
+  config.adc = AdcMode::kDynamic;
+  config.adc_bits = 6;
+  // Dense mapping, sub-arrays of 19 rows and a ragged last one (a 5×5 conv of 3 channels: 75 rows
+  // in 19 + 19 + 19 + 18; kernel mapping would read 25 sub-arrays of 3 rows, 6× the time).
+  config.mapping = Mapping::kDense;
+  config.subarray_rows = 19;
+  config.reference_variation = true;
+  config.seed = test_seed(1402);
+  CpuCimBackend backend(net.cim_layers(), config);
+  for (int batch : {1, 7, kManyImages}) {
+    const int n = batch == kManyImages ? kManyImages : kFewImages;
+    std::vector<std::vector<float>> logits[2];
+    const int threads[2] = {1, 2};
+    for (int t = 0; t < 2; ++t) {
+      omp_set_num_threads(threads[t]);
+      logits[t] = batched_logits(net, backend, images, n, per_image, batch, 4, 0.1);
+    }
+    omp_set_num_threads(omp_get_num_procs());
+    ASSERT_EQ(logits[0].size(), size_t(arch.num_exits()));
+    ASSERT_EQ(logits[0].back().size(), size_t(n) * arch.num_classes);
+    EXPECT_EQ(logits[0], logits[1]) << "batch " << batch;
+    EXPECT_TRUE(any_nonzero(logits[0])) << "batch " << batch;
+    if (batch == 7)
+      EXPECT_NE(logits[0], batched_logits(net, backend, images, n, per_image, batch, 4, 0.0))
+          << "σ = 0.1 must change the logits";
+  }
+}
+
+// The dynamic ADC's range is the min and max over the batch: permuting the images of a batch
+// permutes their logits bit for bit (no order enters the range or an image's sums).
+TEST(ResNetDeterminism, DynamicAdcNoisyChipPermutedBatchPermutesLogitsExactly) {
+  Golden g = load_golden(kGoldenModels[1]);
+  const ResNet& net = *g.model.network;
+  const ResNetArch& arch = net.arch();
+  const size_t per_image = size_t(arch.in_channels) * arch.input_height * arch.input_width;
+  const int n = 7, classes = arch.num_classes;
+  const auto images = random_images(n, per_image, test_seed(1403));
+  std::vector<float> reversed(images.size());
+  for (int i = 0; i < n; ++i)
+    std::copy_n(images.begin() + size_t(i) * per_image, per_image,
+                reversed.begin() + size_t(n - 1 - i) * per_image);
+  CimConfig config;
+  config.adc_bits = 6;
+  config.subarray_rows = 19;
+  config.seed = test_seed(1404);
+  CpuCimBackend backend(net.cim_layers(), config);
+  const auto a = batched_logits(net, backend, images, n, per_image, n, 2, 0.1);
+  const auto b = batched_logits(net, backend, reversed, n, per_image, n, 2, 0.1);
+  ASSERT_EQ(a.size(), b.size());
+  EXPECT_TRUE(any_nonzero(a));
+  for (size_t e = 0; e < a.size(); ++e)
+    for (int i = 0; i < n; ++i)
+      for (int c = 0; c < classes; ++c)
+        EXPECT_EQ(a[e][size_t(i) * classes + c], b[e][size_t(n - 1 - i) * classes + c])
+            << "exit " << e << " image " << i << " class " << c;
+}
+
+// With a batch-independent ADC (fixed, ideal) a noisy device chip gives every image the same
+// logits whatever the batch size and thread count, through the whole awkward network: a batch of
+// kMediumBatch on 2 threads against batches of 7 and 1 on 1 thread (test_cim_layer's LookupReads
+// does the same with batches of 500 on a plain 8×8 ResNet-8).
+TEST(ResNetDeterminism, BatchIndependentAdcsNoisyChipSameLogitsForBatch1And7And84AndThreads) {
+  Golden g = load_golden(kGoldenModels[1]);
+  const ResNet& net = *g.model.network;
+  const ResNetArch& arch = net.arch();
+  const size_t per_image = size_t(arch.in_channels) * arch.input_height * arch.input_width;
+  const auto images = random_images(kMediumBatch, per_image, test_seed(1405));
+  for (AdcMode adc : {AdcMode::kFixed, AdcMode::kIdeal}) {
+    CimConfig config;
+    config.adc = adc;
+    config.adc_bits = 7;
+    config.subarray_rows = 19;
+    config.reference_variation = true;
+    config.seed = test_seed(1406);
+    CpuCimBackend backend(net.cim_layers(), config);
+    omp_set_num_threads(2);
+    const auto whole =
+        batched_logits(net, backend, images, kMediumBatch, per_image, kMediumBatch, 3, 0.1);
+    EXPECT_TRUE(any_nonzero(whole));
+    const auto head = first_images(whole, kFewImages, arch.num_classes);
+    EXPECT_NE(head, batched_logits(net, backend, images, kFewImages, per_image, 7, 3, 0.0))
+        << to_string(adc) << ": σ = 0.1 must change the logits";
+    omp_set_num_threads(1);
+    for (int batch : {1, 7})
+      EXPECT_EQ(batched_logits(net, backend, images, kFewImages, per_image, batch, 3, 0.1), head)
+          << to_string(adc) << " batch " << batch;
+    omp_set_num_threads(omp_get_num_procs());
   }
 }
 

@@ -638,6 +638,43 @@ TEST(FormatTable, Markdown) {
   EXPECT_EQ(lines[6], "");
 }
 
+// σ = 0: every chip is the same, so the sweep runs one; its row says so, with an interval of zero
+// width (no chip variation), in every format, and an older file's several equal chips read alike.
+// A σ = 0 cell whose chips differ (impossible from cimsweep) keeps the ordinary statistics.
+TEST(Aggregate, SigmaZeroCellHasNoChipVariation) {
+  for (int chips : {1, 4}) {
+    std::vector<TrialRecord> records = {make_record("resnet20", 0.1, 0, 60, {40, 50, 60})};
+    for (int t = 0; t < chips; ++t) records.push_back(make_record("resnet20", 0, t, 91, {70, 80, 91}));
+    const std::vector<TableRow> rows = aggregate(records);
+    ASSERT_EQ(rows.size(), 2u);
+    const Summary& s = rows[0].accuracy;
+    EXPECT_EQ(rows[0].sigma, 0.0);
+    EXPECT_EQ(s.n, size_t(chips));
+    EXPECT_EQ(s.mean, 91);
+    EXPECT_EQ(s.std, 0.0);
+    EXPECT_EQ(s.ci_low, 91);
+    EXPECT_EQ(s.ci_high, 91);
+    ASSERT_EQ(rows[0].exit_accuracy.size(), 3u);
+    EXPECT_EQ(rows[0].exit_accuracy[1].ci_low, 80);
+    EXPECT_EQ(rows[0].exit_accuracy[1].ci_high, 80);
+    EXPECT_TRUE(std::isnan(rows[1].accuracy.ci_low)) << "σ > 0, one chip: no interval";
+    const std::vector<std::string> md = split(format_table(rows, "md"), '\n');
+    ASSERT_GE(md.size(), 6u);
+    EXPECT_EQ(md[2], "| resnet20 | 0.0 | " + std::to_string(chips) +
+                         " | 91.00 | 0.00 | 91.00 – 91.00 | 91.00 | 91.00 | – | 70.00 | 80.00 | 91.00 |");
+    EXPECT_EQ(md[5], "σ = 0: nothing varies, so every chip is the same chip: one is run, and its 95 % "
+                     "interval has zero width.");
+    const auto json = nlohmann::json::parse(format_table(rows, "json"));
+    EXPECT_EQ(json[0].at("ci_low").get<double>(), 91);
+    EXPECT_EQ(json[0].at("ci_high").get<double>(), 91);
+  }
+  const std::vector<TableRow> differ = aggregate(
+      {make_record("m", 0, 0, 90), make_record("m", 0, 1, 91), make_record("m", 0, 2, 92)});
+  EXPECT_GT(differ[0].accuracy.std, 0.0);
+  EXPECT_LT(differ[0].accuracy.ci_low, differ[0].accuracy.ci_high);
+  EXPECT_EQ(format_table(differ, "md").find("nothing varies"), std::string::npos);
+}
+
 // The README's main job printed "95 % CI −13.78 – 121.34" for 3 chips: an accuracy interval now
 // stays inside [0, 100], and below 3 chips there is none.
 TEST(AccuracySummary, IntervalInsideZeroToHundredAndNoneBelowThreeChips) {

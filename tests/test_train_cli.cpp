@@ -73,6 +73,7 @@ TEST(TrainCli, BadHyperParametersGiveOneLineErrors) {
       {"--freeze-backbone --exits 1", "--freeze-backbone needs --init"},
       {"--crop-padding 8", "--crop-padding 8 is not smaller than the images"},
       {"--flip sideways", "--flip 'sideways' must be auto, on or off"},
+      {"--precision fp16", "--precision 'fp16' must be fp32 or bf16"},
   };
   for (const auto& [args, message] : cases) {
     const CommandResult r = run_cimsweep(base + " " + args);

@@ -6,6 +6,7 @@
 #include <gtest/gtest.h>
 #include <omp.h>
 
+#include <algorithm>
 #include <cmath>
 #include <random>
 #include <vector>
@@ -322,6 +323,41 @@ TEST(ConvChunks, WholeBatchEqualsImageByImage) {
     for (size_t i = 0; i < sum.size(); ++i) sum[i] += dwi[i];
   }
   for (size_t i = 0; i < sum.size(); ++i) EXPECT_NEAR(dweight[i], sum[i], 1e-3) << i;
+}
+
+
+// oneDNN's convolutions (train/layers.cpp) give the same bits on 1 and 2 threads, including a
+// short last chunk, a strided layer and channel counts that fill its 8-channel blocks.
+TEST(ConvChunks, OneDnnConvolutionsAreIndependentOfTheThreadCount) {
+  const uint32_t seed = cimsweep::testing::test_seed(25);
+  for (const ConvGeometry g : {ConvGeometry{16, 32, 3, 2, 1}, ConvGeometry{3, 16, 3, 1, 1},
+                               ConvGeometry{16, 16, 5, 1, 2}}) {
+    std::mt19937 rng(seed);
+    std::normal_distribution<float> normal;
+    const int n = 37, h = 8, w = 8;  // 32 images per chunk at 8×8 output: one short chunk of 5
+    FeatureMap x(g.in_channels, n, h, w);
+    for (float& v : x.data) v = normal(rng);
+    std::vector<float> weight(size_t(g.out_channels) * g.rows());
+    for (float& v : weight) v = normal(rng);
+    FeatureMap dy(g.out_channels, n, g.output_size(h), g.output_size(w));
+    for (float& v : dy.data) v = normal(rng);
+    std::vector<std::vector<float>> results;
+    for (int threads : {1, 2}) {
+      omp_set_num_threads(threads);
+      const FeatureMap y = conv_forward(g, weight.data(), nullptr, x);
+      FeatureMap dx;
+      std::vector<float> dweight(weight.size());
+      conv_backward(g, weight.data(), x, dy, &dx, dweight.data(), nullptr);
+      std::vector<float> all = y.data;
+      all.insert(all.end(), dx.data.begin(), dx.data.end());
+      all.insert(all.end(), dweight.begin(), dweight.end());
+      EXPECT_NE(std::count(all.begin(), all.end(), 0.0f), std::ptrdiff_t(all.size()));
+      results.push_back(all);
+    }
+    omp_set_num_threads(omp_get_num_procs());
+    EXPECT_EQ(results[0], results[1]) << g.in_channels << "→" << g.out_channels << " kernel "
+                                      << g.kernel << " stride " << g.stride;
+  }
 }
 
 }  // namespace

@@ -239,50 +239,142 @@ def _quantised_weight(weight, weight_bits):
 
 @torch.no_grad()
 def quantised_digital_forward(model, images_uint8, input_ranges, weight_bits=8, input_bits=8,
-                              batch_size=500):
-    """The exact σ = 0, ideal-ADC CIM logits (cim-model.md §5) of uint8 images [N, C, H, W].
+                              batch_size=500, remainder=torch.float32):
+    """The exact σ = 0, ideal-ADC CIM logits (cim-model.md §5) of uint8 images [N, C, H, W], as
+    cimsweep computes them: bit for bit what `cimsweep eval MODEL --sigma 0 --adc ideal` (both its
+    clean row and its trial at σ = 0) gets on the CPU.
 
-    Returns a list (one entry per exit, final last) of float64 numpy arrays [N, num_classes].
+    Returns a list (one entry per exit, final last) of numpy arrays [N, num_classes] of dtype
+    `remainder`.
 
-    Every conv and linear layer (first, last, shortcut and exit layers included) computes
-    `y = s·a_max/((2^wb−1)(2^ab−1)) · Σ (2D − (2^wb−1))·A + bias` with
-    `A = round((2^ab − 1)·clip(a, 0, a_max)/a_max)` (float64, evaluated left to right, ties to
-    even); the first layer reads a = pixel/255. BN (inference form), ReLU, residual additions and
-    pooling run in float64. It is the model's own forward pass run in float64 on a copy whose
-    weights are the signed integer levels: hooks quantise each layer's input to the integers A and
-    rescale the output. Products and sums of these integers stay far below 2^53, so the
-    accumulation is exact whatever order the convolution uses.
+    The network reads what a model file holds: weights, BN statistics and input ranges `a_max` as
+    float32 (cimsweep reads `cimsweep.input_ranges` as float32). Every conv and linear layer
+    (first, last, shortcut and exit layers included) computes, in float64,
+    `A = round((2^ab − 1)·clip(a, 0, a_max)/a_max)` (ties to even) and the exact integer sum
+    `Σ (2D − (2^wb − 1))·A` (products and sums of these integers stay far below 2^53, so any
+    summation order gives the same), then `y = s·a_max/((2^wb−1)(2^ab−1))·Σ + bias`, rounded once
+    to `remainder`. The digital remainder — batch norm folded to `x·scale + shift` with
+    `scale = weight/sqrt(var + 1e-5)` and `shift = bias − mean·scale`, ReLU, residual additions —
+    runs in `remainder` one rounded operation at a time, the way networks/resnet.cpp does it;
+    global average pooling sums a plane in float64 in row order, divides by its size and rounds
+    once. The first layer reads `pixel · fl(1/255)` (in `remainder`).
+
+    `remainder=torch.float32` is the contract (cim-model.md §5: "run in float32"); float64 is the
+    same formulas without the float32 roundings, for checking quantisers written with other
+    operation orders (tests/python/test_train_cifar_qat.py).
     """
-    reference = copy.deepcopy(model).double().eval()
+    weight_levels = 2 ** weight_bits - 1
     input_levels = 2 ** input_bits - 1
-    for name, module in cim_layers(reference):
-        a_max = float(input_ranges[name])
-        weight_scale, signed_levels = _quantised_weight(model.get_submodule(name).weight,
-                                                        weight_bits)
-        output_scale = weight_scale * a_max / ((2 ** weight_bits - 1) * input_levels)
-        bias = module.bias.detach().clone() if module.bias is not None else None
-        module.weight.data = signed_levels
-        module.bias = None
+    layer_names = {id(module): name for name, module in cim_layers(model)}
+    layers = {}
+    for name, module in cim_layers(model):
+        a_max = float(np.float32(input_ranges[name]))
+        weight_scale, signed_levels = _quantised_weight(module.weight, weight_bits)
+        output_scale = weight_scale * a_max / (weight_levels * input_levels)
+        bias = (module.bias.detach().float().double() if module.bias is not None else None)
+        layers[id(module)] = (a_max, signed_levels, output_scale, bias)
 
-        def quantise_input(module, inputs, a_max=a_max):
-            return (torch.round(input_levels * inputs[0].clamp(0.0, a_max) / a_max),)
+    def as_stored(tensor):  # what the model file holds (float32), in the remainder's precision
+        return tensor.detach().float().to(remainder)
 
-        def rescale_output(module, inputs, output, output_scale=output_scale, bias=bias):
-            output = output * output_scale
-            if bias is None:
-                return output
-            return output + (bias.view(1, -1, 1, 1) if output.dim() == 4 else bias)
+    def cim_layer(module, x):
+        a_max, signed_levels, output_scale, bias = layers[id(module)]
+        levels = torch.round(input_levels * x.double().clamp(0.0, a_max) / a_max)
+        if isinstance(module, nn.Conv2d):
+            total = F.conv2d(levels, signed_levels, None, module.stride, module.padding)
+        else:
+            total = F.linear(levels, signed_levels)
+        out = output_scale * total
+        if bias is not None:
+            out = out + (bias.view(1, -1, 1, 1) if out.dim() == 4 else bias)
+        return out.to(remainder)
 
-        module.register_forward_pre_hook(quantise_input)
-        module.register_forward_hook(rescale_output)
+    def batch_norm(bn, x):
+        eps = torch.tensor(BN_EPS, dtype=remainder)
+        scale = as_stored(bn.weight) / torch.sqrt(as_stored(bn.running_var) + eps)
+        shift = as_stored(bn.bias) - as_stored(bn.running_mean) * scale
+        return x * scale.view(1, -1, 1, 1) + shift.view(1, -1, 1, 1)
 
+    def conv_norm(conv, bn, x, relu):
+        y = batch_norm(bn, cim_layer(conv, x))
+        return torch.clamp_min(y, 0.0) if relu else y
+
+    def average_pool(x):
+        planes = x.double().reshape(x.shape[0], x.shape[1], -1)
+        total = torch.zeros(planes.shape[:2], dtype=torch.float64)
+        for position in range(planes.shape[2]):  # row order, one addition at a time
+            total = total + planes[:, :, position]
+        return (total / planes.shape[2]).to(remainder)
+
+    def block_forward(block, x):
+        y = conv_norm(block.conv2, block.bn2, conv_norm(block.conv1, block.bn1, x, True), False)
+        if not block.projects:
+            skip = x
+        elif block.shortcut_kind == "B":
+            skip = conv_norm(block.shortcut.conv, block.shortcut.bn, x, False)
+        else:
+            skip = F.pad(x[:, :, :: block.stride, :: block.stride],
+                         (0, 0, 0, 0, block.extra_channels // 2,
+                          block.extra_channels - block.extra_channels // 2))
+        return torch.clamp_min(y + skip, 0.0)
+
+    def forward(x):
+        logits = []
+        x = conv_norm(model.conv1, model.bn1, x, True)
+        for stage in (1, 2, 3):
+            for block in getattr(model, f"layer{stage}"):
+                x = block_forward(block, x)
+            if stage in model.exits:
+                head = getattr(model, f"exit{stage}")
+                features = conv_norm(head.conv, head.bn, x, True)
+                logits.append(cim_layer(head.fc, average_pool(features)))
+        logits.append(cim_layer(model.fc, average_pool(x)))
+        return logits
+
+    assert len(layer_names) == len(layers)
+    pixel_scale = torch.tensor(1.0, dtype=torch.float32) / torch.tensor(255.0, dtype=torch.float32)
     logits = None
     for start in range(0, images_uint8.shape[0], batch_size):
-        batch = images_uint8[start:start + batch_size].double() / 255.0
-        outputs = [out.numpy() for out in reference(batch)]
+        batch = images_uint8[start:start + batch_size].to(remainder) * pixel_scale.to(remainder)
+        outputs = [out.numpy() for out in forward(batch)]
         logits = outputs if logits is None else [np.concatenate(pair) for pair in
                                                  zip(logits, outputs)]
     return logits
+
+
+def load_model(path):
+    """(ResNetCifar with the file's tensors, input ranges, class names, metadata) of a cimsweep
+    model file of the `resnet-cifar` family that `ResNetCifar` builds (shortcut padding "split",
+    the default conv exit head); ValueError for others."""
+    with open(path, "rb") as file:
+        blob = file.read()
+    length = struct.unpack("<Q", blob[:8])[0]
+    header = json.loads(blob[8:8 + length])
+    metadata = header.pop("__metadata__", {})
+    arch = json.loads(metadata["cimsweep.arch"])
+    if arch.get("family") != "resnet-cifar" or arch.get("shortcut_padding", "split") != "split":
+        raise ValueError(f"{path}: only the resnet-cifar family with split shortcut padding")
+    head = arch.get("exit_head", {"type": "conv", "kernel": 3, "stride": 2, "channels": 0})
+    if head != {"type": "conv", "kernel": 3, "stride": 2, "channels": 0}:
+        raise ValueError(f"{path}: only the default conv exit head ({head} given)")
+    model = ResNetCifar(arch["depth"], arch["kernel"], arch["width"], arch["in_channels"],
+                        arch["num_classes"], arch.get("shortcut", "A"), arch.get("exits", []))
+    dtypes = {"F32": "<f4", "F64": "<f8", "F16": "<f2"}
+    data = blob[8 + length:]
+    state = {}
+    for name, entry in header.items():
+        if entry["dtype"] not in dtypes:
+            raise ValueError(f"{path}: tensor {name} has dtype {entry['dtype']}")
+        begin, end = entry["data_offsets"]
+        array = np.frombuffer(data[begin:end], dtype=dtypes[entry["dtype"]])
+        state[name] = torch.from_numpy(array.astype(np.float32).reshape(entry["shape"]))
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    missing = [name for name in missing if not name.endswith("num_batches_tracked")]
+    if missing or unexpected:
+        raise ValueError(f"{path}: tensors missing {missing}, unexpected {unexpected}")
+    ranges = json.loads(metadata["cimsweep.input_ranges"])
+    classes = json.loads(metadata.get("cimsweep.class_names", "[]"))
+    return model.eval(), ranges, classes, metadata
 
 
 def write_safetensors(path, tensors, metadata):

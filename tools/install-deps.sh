@@ -10,6 +10,7 @@ packages=(
   libstb-dev zlib1g-dev                                  # images, IDX.gz
   librandom123-dev                                       # Philox noise streams
   libopenblas-dev                                        # GEMMs of the CPU backend (+ OpenMP via gcc)
+  libdnnl-dev                                            # oneDNN: the training engine's convolutions
   libgtest-dev libgmock-dev                              # tests
   dataset-fashion-mnist                                  # the default data set
 )

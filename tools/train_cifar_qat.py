@@ -12,8 +12,9 @@ percentile of each layer's input over fixed training images, measured again befo
 Images are decoded with the same stb_image library (Debian's libstb) the simulator links, so the
 test set here is pixel for pixel the one `cimsweep eval --data … --split test` reads, and the
 8-bit accuracy written into the model (computed by `cim_reference.quantised_digital_forward`, the
-exact σ = 0, ideal-ADC forward in float64) is what `cimsweep eval MODEL --sigma 0 --adc ideal`
-prints.
+exact σ = 0, ideal-ADC forward: integer sums exact in float64, the digital remainder in float32
+operation for operation as cimsweep computes it) is what `cimsweep eval MODEL --sigma 0 --adc
+ideal` prints.
 
 Every epoch ends with an atomic checkpoint (model, optimiser, schedule, every random state, ranges,
 history) in `--checkpoint-dir`; started again with the same arguments the run resumes from it and
@@ -67,9 +68,10 @@ def _stb():
     return library
 
 
-def load_image_folder(root, split):
+def load_image_folder(root, split, with_names=False):
     """(uint8 images [N, 3, H, W], int64 labels [N], class names) of `root/split/<class>/*`, in the
-    simulator's order (classes and files sorted by name), decoded by stb_image to RGB."""
+    simulator's order (classes and files sorted by name), decoded by stb_image to RGB; with_names:
+    a fourth entry, every image's "<class>/<file>" (as `cimsweep eval --predictions` names it)."""
     folder = os.path.join(root, split)
     if not os.path.isdir(folder):
         fail(f"'{folder}' is not a directory: pass --data with the folder holding train/ and "
@@ -77,7 +79,7 @@ def load_image_folder(root, split):
     classes = sorted(name for name in os.listdir(folder)
                      if os.path.isdir(os.path.join(folder, name)))
     stb = _stb()
-    images, labels = [], []
+    images, labels, names = [], [], []
     width, height, components = ctypes.c_int(), ctypes.c_int(), ctypes.c_int()
     for label, name in enumerate(classes):
         class_dir = os.path.join(folder, name)
@@ -93,8 +95,9 @@ def load_image_folder(root, split):
             stb.stbi_image_free(pixels)
             images.append(array.reshape(height.value, width.value, 3).transpose(2, 0, 1))
             labels.append(label)
-    return (torch.from_numpy(np.stack(images)), torch.tensor(labels, dtype=torch.int64),
-            classes)
+            names.append(f"{name}/{file_name}")
+    loaded = (torch.from_numpy(np.stack(images)), torch.tensor(labels, dtype=torch.int64), classes)
+    return loaded + (names,) if with_names else loaded
 
 
 def augment(images, generator):
@@ -453,7 +456,8 @@ def main(argv=None):
         "exit_float_test_accuracy": float_accuracy,
         "exit_quantised_digital_test_accuracy": quantised_accuracy,
         "quantised_digital": f"{args.weight_bits}-bit weights and inputs, sigma 0, ideal ADC, "
-                             "tools/cim_reference.py quantised_digital_forward",
+                             "tools/cim_reference.py quantised_digital_forward (float32 digital "
+                             "remainder, as cimsweep)",
         "history_summary": f"{len(state['history'])} epochs; 8-bit test acc "
                            f"{state['history'][0]['test_accuracy_8bit'][-1]:.4f} after epoch 1, "
                            f"best {max(h['test_accuracy_8bit'][-1] for h in state['history']):.4f}",

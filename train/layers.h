@@ -1,18 +1,30 @@
-// The layers of the trainable ResNet, forward and backward, on the CPU: convolution (im2col +
-// OpenBLAS sgemm), batch norm, ReLU, option-A shortcut, global average pooling and softmax
-// cross-entropy. Activations are channel-major [C, N, H, W] so that a convolution over the whole
-// batch is one GEMM output and batch norm reads each channel contiguously.
+// The layers of the trainable ResNet, forward and backward, on the CPU: convolution (oneDNN; the
+// FC layer and unstrided 1×1 convolutions on OpenBLAS sgemm), batch norm, ReLU, option-A shortcut,
+// global average pooling and softmax cross-entropy. Activations are channel-major [C, N, H, W] so
+// that a convolution over the whole batch is one GEMM output and batch norm reads each channel
+// contiguously.
 //
 // Determinism: every result is a pure function of the inputs, whatever the thread count. Threads
-// take fixed chunks of images (never sized from the thread count), each chunk's GEMM runs on one
-// thread, and every sum over the batch (weight gradients, BN statistics) adds per-chunk or
-// per-channel partial results in a fixed order.
+// take fixed chunks of images (never sized from the thread count), each chunk's convolution or
+// GEMM runs on one thread (oneDNN primitives set up for one thread), and every sum over the batch
+// (weight gradients, BN statistics) adds per-chunk or per-channel partial results in a fixed order.
 #pragma once
 #include <cstddef>
 #include <cstdint>
+#include <string>
 #include <vector>
 
 namespace cimsweep::train {
+
+// The arithmetic of the convolutions: fp32, or bf16 operands (input, weights, output gradient)
+// with fp32 accumulation and fp32 results (outputs and all gradients).
+enum class ConvPrecision { kFp32, kBf16 };
+// --precision of the CPU trainer: "fp32", or "bf16" where oneDNN runs bf16 convolutions natively
+// (AVX-512 BF16 or AMX); otherwise UserError with one line.
+ConvPrecision parse_cpu_precision(const std::string& precision);
+bool cpu_has_bf16_convolutions();
+// oneDNN's name for the instruction set its kernels use on this CPU ("avx2", "avx512_core", …).
+std::string convolution_isa();
 
 // A batch of feature maps, channel-major: element (c, n, y, x) at ((c·N + n)·H + y)·W + x.
 struct FeatureMap {
@@ -45,11 +57,12 @@ struct ConvGeometry {
 
 // y = W ⊛ x (+ bias). `bias` may be null.
 FeatureMap conv_forward(const ConvGeometry& g, const float* weight, const float* bias,
-                        const FeatureMap& x);
+                        const FeatureMap& x, ConvPrecision precision = ConvPrecision::kFp32);
 // Gradients of conv_forward: `dx` (null: not needed, e.g. the first layer) is overwritten;
 // `dweight` [out × rows] and `dbias` [out] (may be null) are overwritten with this batch's sums.
 void conv_backward(const ConvGeometry& g, const float* weight, const FeatureMap& x,
-                   const FeatureMap& dy, FeatureMap* dx, float* dweight, float* dbias);
+                   const FeatureMap& dy, FeatureMap* dx, float* dweight, float* dbias,
+                   ConvPrecision precision = ConvPrecision::kFp32);
 
 constexpr float kBatchNormEps = 1e-5f;      // as networks/resnet.cpp and PyTorch
 constexpr float kBatchNormMomentum = 0.1f;  // running-statistics update, as PyTorch

@@ -59,6 +59,7 @@ struct CimConv {
   std::vector<float> weight_used;
   std::vector<float> weight_factor;  // d weight_used / d weight: STE pass × (1 + σz)
   bool quantised = false;
+  ConvPrecision precision = ConvPrecision::kFp32;  // the forward pass's, for backward()
 
   FeatureMap forward(const FeatureMap& x, const ForwardOptions& o, std::vector<Parameter>& p,
                      bool training) {
@@ -101,7 +102,8 @@ struct CimConv {
       }
     }
     const float* bias_values = bias >= 0 ? p[bias].value.data() : nullptr;
-    FeatureMap y = conv_forward(geometry, weight_used.data(), bias_values, input);
+    precision = o.precision;
+    FeatureMap y = conv_forward(geometry, weight_used.data(), bias_values, input, precision);
     if (training)
       input_used = std::move(input);
     else
@@ -121,7 +123,7 @@ struct CimConv {
     const bool range_learns = quantised && range >= 0 && p[range].trainable;
     FeatureMap d_input;
     conv_backward(geometry, weight_used.data(), input_used, dy,
-                  need_dx || range_learns ? &d_input : nullptr, w.grad.data(), dbias);
+                  need_dx || range_learns ? &d_input : nullptr, w.grad.data(), dbias, precision);
     for (size_t i = 0; i < weight_factor.size(); ++i) w.grad[i] *= weight_factor[i];
     if (!quantised) return d_input;
     FeatureMap dx(d_input.channels, d_input.images, d_input.height, d_input.width);

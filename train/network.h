@@ -31,6 +31,8 @@ struct ForwardOptions {
   bool training = false;  // batch statistics, caches for backward()
   bool update_running_stats = true;
   QuantSettings quant;
+  // The convolutions' arithmetic (layers.h); the FC layers, batch norm and the rest stay fp32.
+  ConvPrecision precision = ConvPrecision::kFp32;
   // Noise-aware training: every weight the layers use is multiplied by (1 + sigma·z), z ~ N(0, 1)
   // drawn afresh for every `noise_step` (a pure function of seed, step, layer and weight).
   float noise_sigma = 0;

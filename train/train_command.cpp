@@ -13,6 +13,7 @@
 #include "host/errors.h"
 #include "host/output_file.h"
 #include "host/sweep.h"
+#include "train/layers.h"
 #include "train/trainer.h"
 
 namespace cimsweep::train {
@@ -20,7 +21,7 @@ namespace cimsweep::train {
 struct TrainCommand::Options {
   TrainSettings settings;
   std::string data, output, shortcut = "A", schedule = "cosine", scaling = "maxabs";
-  std::string ranges = "calibrate", exit_head = "conv";
+  std::string ranges = "calibrate", exit_head = "conv", precision = "fp32";
   long long limit = 0, test_limit = 0;
   int threads = 0;
   bool no_qat = false;
@@ -105,6 +106,8 @@ TrainCommand::TrainCommand(CLI::App& app) : options_(std::make_unique<Options>()
   cmd->add_option("--stop-after-epoch", s.stop_after_epoch,
                   "stop after this epoch (checkpoint kept; --resume continues)");
   cmd->add_option("--threads", o.threads, "CPU threads (default: all cores)");
+  cmd->add_option("--precision", o.precision,
+                  "convolutions in fp32 (default) or bf16 (CPUs with AVX-512 BF16)");
   cmd->add_flag("--quiet", s.quiet, "no progress line");
 }
 
@@ -158,6 +161,7 @@ int TrainCommand::run(int argc, char** argv) {
   s.quantise = !o.no_qat;
   if (o.limit < 0) throw UserError("--limit must be ≥ 0 (0: all training images)");
   if (o.test_limit < 0) throw UserError("--test-limit must be ≥ 0 (0: all test images)");
+  s.precision = parse_cpu_precision(o.precision);
   if (o.threads < 0) throw UserError("--threads must be at least 1 (or leave it out: all cores)");
   s.command_line = quoted_command_line(argc, argv);
   validate_settings(s);

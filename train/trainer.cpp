@@ -259,6 +259,8 @@ nlohmann::json settings_identity(const TrainSettings& s, const Dataset& train,
   j["range_percentile"] = s.range_percentile;
   j["calibration_images"] = s.calibration_images;
   j["train_sigma"] = s.train_sigma;
+  // Only when not the default, so that checkpoints written before --precision existed resume.
+  if (s.precision == ConvPrecision::kBf16) j["precision"] = "bf16";
   j["exit_weights"] = s.exit_weights;
   j["init"] = s.init_path;
   j["freeze_backbone"] = s.freeze_backbone;
@@ -480,6 +482,9 @@ void validate_settings(const TrainSettings& s) {
     fail("--calibration-images must be at least 1, got " + std::to_string(s.calibration_images));
   if (!(s.train_sigma >= 0 && s.train_sigma < 1))
     fail("--train-sigma must be in [0, 1), got " + text(s.train_sigma));
+  if (s.precision == ConvPrecision::kBf16 && !cpu_has_bf16_convolutions())
+    fail("--precision bf16 needs a CPU with AVX-512 BF16 and this one has " + convolution_isa() +
+         " (oneDNN): use --precision fp32");
   if (s.crop_padding < -1) fail("--crop-padding must be ≥ 0");
   if (s.flip != "auto" && s.flip != "on" && s.flip != "off")
     fail("--flip '" + s.flip + "' must be auto, on or off");
@@ -749,6 +754,7 @@ TrainResult train_network(const TrainSettings& settings_in, const Dataset& train
       options.noise_seed = uint32_t(s.seed);
       options.noise_step = uint64_t(state.step);
       options.frozen_backbone = s.freeze_backbone;
+      options.precision = s.precision;
       const std::vector<FeatureMap> logits = net.forward(images.data(), count, options);
       std::vector<FeatureMap> dlogits(logits.size());
       double loss = 0;
@@ -861,6 +867,8 @@ TrainResult train_network(const TrainSettings& settings_in, const Dataset& train
                                 " of each layer's float input over " +
                                 std::to_string(calibration_set.size()) +
                                 " class-balanced training images after the last epoch, conv1 = 1.0";
+  if (s.precision == ConvPrecision::kBf16)
+    p["precision"] = "bf16 convolutions (fp32 accumulation, master weights, batch norm and loss)";
   if (s.train_sigma > 0)
     p["noise_aware"] = "weights × (1 + " + format("%g", s.train_sigma) + "·z) per batch";
   if (heads > 1) p["exit_weights"] = s.exit_weights;

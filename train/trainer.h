@@ -67,6 +67,9 @@ struct TrainSettings {
   double range_percentile = 99.99;
   int calibration_images = 2000;
   float train_sigma = 0;  // noise-aware training: weights × (1 + σz), fresh per batch
+  // The training steps' convolutions (bf16 only where the CPU has AVX-512 BF16); evaluation,
+  // calibration and the reported accuracies are fp32 whatever this is.
+  ConvPrecision precision = ConvPrecision::kFp32;
 
   // Multi-exit: loss Σ w_e·CE_e over the exits (early ones first, the final head last); empty:
   // the default, linear from 1 at the shallowest exit to 0.5 at the final head.
@@ -132,7 +135,8 @@ std::vector<double> evaluate_accuracy(TrainableResNet& net, const Dataset& data,
 // (linear interpolation, as numpy's), conv1 = 1.0 (pixels in [0, 1]). The network runs in
 // evaluation mode, or with batch statistics (running statistics left alone) when those are still
 // at their initial values.
-std::map<std::string, float> calibrate_ranges(TrainableResNet& net, const std::vector<float>& images,
-                                              int count, double percentile, bool batch_statistics);
+std::map<std::string, float> calibrate_ranges(TrainableResNet& net,
+                                              const std::vector<float>& images, int count,
+                                              double percentile, bool batch_statistics);
 
 }  // namespace cimsweep::train

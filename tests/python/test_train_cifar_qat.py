@@ -3,8 +3,12 @@
 Run by ctest: /usr/bin/python3 tests/python/test_train_cifar_qat.py CIMSWEEP_BINARY. Exit 77 (a
 skip) when this Python has no torch. On a tiny generated image folder (BMP files, 4 classes) it
 checks that
+0. tools/cim_reference.py's σ = 0 logits are cimsweep's bit for bit: on a random ResNet-8 with
+   exits, `cimsweep eval --sigma 0 --adc ideal --predictions` writes the reference's float32 logits
+   exactly, for the clean (digital) run and the CIM trial (a float64 digital remainder, the
+   reference before this test, misses by ~1e-7 and once flipped one CIFAR-10 test image);
 1. the training quantisers are the evaluator's: the trainer's quantised forward gives the exact
-   σ = 0 reference logits of tools/cim_reference.py up to float32 rounding;
+   σ = 0 reference logits of tools/cim_reference.py (both in float64) up to rounding;
 2. a run stopped after epoch 1 and resumed writes the same tensors and ranges as an uninterrupted
    run;
 3. the 8-bit accuracy the trainer writes into the model's provenance is what
@@ -94,8 +98,12 @@ def check_quantisers_match_reference(generator):
             module.weight.data.uniform_(0.5, 1.5)
             module.bias.data.uniform_(-0.2, 0.3)
     images = torch.from_numpy(generator.integers(0, 256, size=(33, 3, 32, 32), dtype=np.uint8))
-    ranges = cim_reference.calibrate_input_ranges(model, images, percentile=99.9)
-    reference = cim_reference.quantised_digital_forward(model, images, ranges)
+    # Ranges that float32 holds exactly: the reference reads them as float32 (as cimsweep does),
+    # the trainer's quantisers as Python floats.
+    ranges = {name: float(np.float32(value)) for name, value in
+              cim_reference.calibrate_input_ranges(model, images, percentile=99.9).items()}
+    reference = cim_reference.quantised_digital_forward(model, images, ranges,
+                                                        remainder=torch.float64)
     # The trainer's forward in float64, so that its formulas meet the reference's exactly; in
     # training (float32) a value within rounding of a level boundary may round the other way.
     model = model.double()
@@ -116,6 +124,48 @@ def check_quantisers_match_reference(generator):
           f"max error {error / scale:.1e} of the logit scale)")
 
 
+def check_reference_is_cimsweep_bit_for_bit(binary, work, data):
+    torch.manual_seed(SEED + 1)
+    model = cim_reference.ResNetCifar(8, 3, 8, in_channels=3, num_classes=4, exits=[1]).eval()
+    for module in model.modules():  # non-trivial BN statistics, as after training
+        if isinstance(module, torch.nn.BatchNorm2d):
+            module.running_mean.uniform_(-0.2, 0.2)
+            module.running_var.uniform_(0.5, 2.0)
+            module.weight.data.uniform_(0.5, 1.5)
+            module.bias.data.uniform_(-0.2, 0.3)
+    images, labels, classes, names = train_cifar_qat.load_image_folder(data, "test",
+                                                                       with_names=True)
+    # Ranges from a percentile are no float32 values: the reference must round them as cimsweep.
+    ranges = cim_reference.calibrate_input_ranges(model, images, percentile=99.9)
+    assert any(float(np.float32(v)) != v for v in ranges.values())
+    path = os.path.join(work, "random.safetensors")
+    cim_reference.save_model(path, model, model.arch((32, 32)), ranges, classes, {})
+    model, ranges, _, _ = cim_reference.load_model(path)
+    reference = cim_reference.quantised_digital_forward(model, images, ranges)
+    in_float64 = cim_reference.quantised_digital_forward(model, images, ranges,
+                                                         remainder=torch.float64)
+    predictions = os.path.join(work, "predictions.jsonl")
+    subprocess.run([binary, "eval", path, "--data", data, "--sigma", "0", "--adc", "ideal",
+                    "--batch", "7", "--quiet", "--predictions", predictions],
+                   capture_output=True, text=True, check=True)
+    with open(predictions) as file:
+        lines = [json.loads(line) for line in file]
+    assert len(lines) == 2 * len(names), f"{len(lines)} lines for 2 runs of {len(names)} images"
+    for line in lines:
+        index = line["index"]
+        assert line["file"] == names[index] and line["label"] == int(labels[index]), line
+        ours = np.array(line["logits"], dtype=np.float64)
+        exact = reference[-1][index].astype(np.float64)
+        assert np.array_equal(ours, exact), \
+            f"run {line['trial']}, image {index}: cimsweep {ours}, reference {exact}"
+        assert line["exit_predicted"] == [int(head[index].argmax()) for head in reference], line
+    assert np.abs(reference[-1]).max() > 0.1, "logits all near zero"
+    gap = np.abs(in_float64[-1] - reference[-1].astype(np.float64)).max()
+    assert gap > 0, "a float64 remainder would pass this comparison: the test has no teeth"
+    print(f"reference = cimsweep eval --predictions bit for bit ({len(names)} images, clean run "
+          f"and trial 0; a float64 remainder differs by {gap:.1e})")
+
+
 def main():
     binary = sys.argv[1]
     generator = np.random.default_rng(SEED)
@@ -124,6 +174,7 @@ def main():
     with tempfile.TemporaryDirectory() as work:
         data = os.path.join(work, "images")
         make_folder(data, generator)
+        check_reference_is_cimsweep_bit_for_bit(binary, work, data)
 
         whole = os.path.join(work, "whole.safetensors")
         train(data, os.path.join(work, "ck-whole"), whole)
