@@ -339,18 +339,22 @@ bool cpu_reads_by_lookup(const Mode& m) {
 }
 
 // A `cycle` chip at σ > 0, which the CPU reads as OpenBLAS GEMMs: the partial sums differ from
-// the look-up order in their last bits, and where one lands on the other side of an ADC code
-// boundary the output moves by that read's step. Bounds from the maxima measured over the default
-// seeds and CIMSWEEP_TEST_SEED=1…10 (see kCycleBounds); an output off by float rounding alone
-// (ADC ideal) is within 1e-5 of the scale.
+// the look-up order in their last bits. With the ideal ADC that moves every output by float
+// rounding only; with an ADC, where a partial sum lands on the other side of a code boundary the
+// output moves by that read's step (a flipped reference code, under reference variation, moves
+// every output of its position), and a `dynamic` range's ends move by rounding. Measured over the
+// default seeds and CIMSWEEP_TEST_SEED=1…10 with the sgemm OpenBLAS picks on an Intel Xeon VM
+// (495 cycle cases, 143 of them bit-identical): ideal ADC, none beyond 1e-5 of the scale, mean
+// |diff| at most 1.06e-6 of it; with an ADC at most 3.9 % of the outputs beyond 1e-5 (7 of 180,
+// dynamic), 6.1 % with reference variation (11 of 180, calibrated), mean |diff| at most 8.3e-5 of
+// the scale. The bounds below are those maxima with room to about twice.
 struct CycleBound {
-  double differ_share;  // outputs that differ at all
   double beyond_share;  // outputs further apart than 1e-5·scale
   double mean_abs;      // mean |diff| over the scale
 };
 CycleBound cycle_bound(const Mode& m) {
-  if (m.adc == AdcMode::kIdeal) return {1.0, 0.0, 1e-6};
-  return m.reference_variation ? CycleBound{1.0, 0.25, 3e-4} : CycleBound{1.0, 0.125, 3e-4};
+  if (m.adc == AdcMode::kIdeal) return {0.0, 2e-6};
+  return {m.reference_variation ? 1.0 / 10 : 1.0 / 16, 1.5e-4};
 }
 
 // Another executor against CpuCimBackend: bit for bit where the CPU reads by look-up, within
@@ -363,8 +367,9 @@ void expect_agreement_with_cpu(const Agreement& a, const Mode& m, const std::str
     return;
   }
   const CycleBound bound = cycle_bound(m);
-  EXPECT_LE(double(a.differ), bound.differ_share * double(a.count)) << what << ": " << describe(a);
-  EXPECT_LE(double(a.beyond), std::max(2.0, bound.beyond_share * double(a.count)))
+  const double allowed =
+      m.adc == AdcMode::kIdeal ? 0.0 : std::max(2.0, bound.beyond_share * a.count);
+  EXPECT_LE(double(a.beyond), allowed)
       << what << ": more code flips than the GEMM's rounding explains: " << describe(a);
   EXPECT_LE(a.mean_abs, bound.mean_abs * a.scale) << what << ": " << describe(a);
 }
@@ -401,13 +406,13 @@ class ReferenceVsCpu : public ::testing::TestWithParam<Case> {};
 
 TEST_P(ReferenceVsCpu, Agree) {
   const Case c = GetParam();
-  const LayerData d = make_layer(c.shape, case_seed(c));
+  const LayerData d = make_layer(c.shape, case_seed(c));  // prints the seed
   const CimConfig config = make_config(c.shape, c.mode);
   CpuCimBackend cpu({d.spec}, config);
   const std::vector<float> want = run_on(cpu, d, c.mode);
   const std::vector<float> got = run_reference(d, config, c.mode);
   const Agreement a = compare(got, want, 1e-5);
-  std::cout << "[ agree    ] seed " << case_seed(c) << ": " << describe(a) << std::endl;
+  std::cout << "[ agree    ] " << describe(a) << std::endl;
   expect_agreement_with_cpu(a, c.mode, "reference vs CPU");
 }
 
