@@ -8,9 +8,9 @@
 //    against CpuCimBackend — so the GPU's numerics are checked before any GPU runs them. The two
 //    sum partial sums, ADC codes and the split shift-and-add in the same order (cim-model.md §4
 //    and §5, "Summation order"), so they agree bit for bit: layer outputs and whole-network logits,
-//    every ADC and σ. The one exception is a `cycle` chip at σ > 0, which the CPU reads as OpenBLAS
-//    GEMMs (an order OpenBLAS picks per CPU); there the outputs that differ are counted and
-//    bounded.
+//    every ADC, σ from 0 to 0.6. The one exception is a `cycle` chip at σ > 0, which the CPU reads
+//    as OpenBLAS GEMMs (an order OpenBLAS picks per CPU); there the outputs that differ are counted
+//    and bounded.
 //  * With a GPU: CudaCimBackend against that reference (bit for bit) and so against CpuCimBackend
 //    as the reference agrees with it; the fast mode within fp16 rounding; guard bytes after every
 //    device buffer and after the host output, no NaN, outputs not all zero. Without a GPU, or in a
