@@ -19,25 +19,37 @@ struct ReadBatch {
   AccumulateRead reads[kMaxReadsPerLaunch];
 };
 
-// One thread per accumulator (o, q), positions fastest: the partial sums of a warp are
-// contiguous in every read.
+// One thread per accumulator: (o, q) of the codes' part for i < outs·positions, positions fastest
+// (the partial sums of a warp are contiguous in every read), then one per position q of the
+// common part. Each adds the group's reads in order.
 __global__ void __launch_bounds__(kBlock)
     adc_accumulate_kernel(cimops::ReadParams p, const float* __restrict__ partials, ReadBatch batch,
                           int count, const cimops::SliceRange* __restrict__ ranges,
-                          double* __restrict__ acc, uint64_t* largest_key) {
-  const int64_t total = int64_t(p.outs) * p.positions;
+                          double* __restrict__ codes, double* __restrict__ common,
+                          uint64_t* largest_key) {
+  const int64_t code_count = int64_t(p.outs) * p.positions, total = code_count + p.positions;
   const int64_t read_stride = int64_t(p.operand_rows()) * p.positions;
   double largest = 0;
   for (int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < total;
        i += int64_t(gridDim.x) * blockDim.x) {
-    const int o = int(i / p.positions);
-    const int64_t q = i % p.positions;
-    double a = acc[i];
-    for (int read = 0; read < count; ++read)
-      a = cimops::accumulate_read(
-          p, partials + read * read_stride, ranges ? ranges + int64_t(read) * p.slices : nullptr,
-          batch.reads[read].subarray_rows, batch.reads[read].bit, o, q, a, &largest);
-    acc[i] = a;
+    if (i < code_count) {
+      const int o = int(i / p.positions);
+      const int64_t q = i % p.positions;
+      double sum = codes[i];
+      for (int read = 0; read < count; ++read)
+        sum = cimops::accumulate_codes(
+            p, partials + read * read_stride, ranges ? ranges + int64_t(read) * p.slices : nullptr,
+            batch.reads[read].subarray_rows, batch.reads[read].bit, o, q, sum, &largest);
+      codes[i] = sum;
+    } else {
+      const int64_t q = i - code_count;
+      double sum = common[q];
+      for (int read = 0; read < count; ++read)
+        sum = cimops::accumulate_common(
+            p, partials + read * read_stride, ranges ? ranges + int64_t(read) * p.slices : nullptr,
+            batch.reads[read].subarray_rows, batch.reads[read].bit, q, sum);
+      common[q] = sum;
+    }
   }
   if (largest_key) {  // uniform over the launch: every thread takes part in the reduction
     using Reduce = cub::BlockReduce<double, kBlock>;
@@ -51,20 +63,22 @@ __global__ void __launch_bounds__(kBlock)
 
 void launch_adc_accumulate(const cimops::ReadParams& p, const float* partials,
                            const AccumulateRead* reads, int count, const cimops::SliceRange* ranges,
-                           double* acc, uint64_t* largest_key, cudaStream_t stream) {
+                           double* codes, double* common, uint64_t* largest_key,
+                           cudaStream_t stream) {
   ReadBatch batch{};
   for (int i = 0; i < count; ++i) batch.reads[i] = reads[i];
-  adc_accumulate_kernel<<<grid_for(int64_t(p.outs) * p.positions, kBlock), kBlock, 0, stream>>>(
-      p, partials, batch, count, ranges, acc, largest_key);
+  adc_accumulate_kernel<<<grid_for(int64_t(p.outs + 1) * p.positions, kBlock), kBlock, 0, stream>>>(
+      p, partials, batch, count, ranges, codes, common, largest_key);
   CIM_CUDA_CHECK_LAUNCH();
 }
 
 }  // namespace
 
 void adc_accumulate(const cimops::ReadParams& p, const float* partials, const AccumulateRead* reads,
-                    int count, const cimops::SliceRange* ranges, double* acc, uint64_t* largest_key,
-                    cudaStream_t stream) {
-  if (!partials || !acc) throw std::invalid_argument("adc_accumulate: null device pointer");
+                    int count, const cimops::SliceRange* ranges, double* codes, double* common,
+                    uint64_t* largest_key, cudaStream_t stream) {
+  if (!partials || !codes || !common)
+    throw std::invalid_argument("adc_accumulate: null device pointer");
   if (count < 1 || count > kMaxReadsPerLaunch || p.positions < 1 || p.outs < 1 || p.slices < 1)
     throw std::invalid_argument("adc_accumulate: bad read count or shape");
   if (p.adc == cimops::AdcKind::kDynamic && !p.ideal_clean && !ranges)
@@ -75,7 +89,7 @@ void adc_accumulate(const cimops::ReadParams& p, const float* partials, const Ac
     if (reads[i].bit < 0 || reads[i].bit > 15 || reads[i].subarray_rows < 1)
       throw std::invalid_argument("adc_accumulate: read " + std::to_string(i) +
                                   " has a bad bit or sub-array size");
-  launch_adc_accumulate(p, partials, reads, count, ranges, acc, largest_key, stream);
+  launch_adc_accumulate(p, partials, reads, count, ranges, codes, common, largest_key, stream);
 }
 
 }  // namespace cimsweep::cuda

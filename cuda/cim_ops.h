@@ -1,15 +1,18 @@
 // The per-element work of every CUDA kernel of the CIM backend, as HOST_DEVICE functions on plain
 // structs: each kernel calls one of these per thread, and the CPU reference of that kernel
-// (cuda/cim_reference.cpp) calls the same function in a loop. The arithmetic mirrors
-// host/cim_cpu.cpp operation for operation (same helpers of kernels/cim_math.h, same order of the
-// double accumulation), so that a GPU result can be compared bit for bit with its reference and
-// within float rounding with the CPU backend. No CUDA header is needed to include this file.
+// (cuda/cim_reference.cpp) calls the same function in a loop. The arithmetic is host/cim_cpu.cpp's
+// operation for operation: the partial sums in the order of its table look-up reads
+// (kernels/lookup_read.h), the ADC codes and the split shift-and-add with the helpers of
+// kernels/cim_math.h in its order, so that a GPU result equals its reference bit for bit and the
+// reference equals the CPU backend bit for bit wherever the CPU reads by table look-up (every
+// chip but a `cycle` one at σ > 0). No CUDA header is needed to include this file.
 #pragma once
 #include <stdint.h>
 #include <string.h>
 
 #include "kernels/cim_math.h"
 #include "kernels/host_device.h"
+#include "kernels/lookup_read.h"
 #include "kernels/noise.h"
 
 namespace cimsweep::cimops {
@@ -91,8 +94,9 @@ HOST_DEVICE inline void program_operand_column(const ChipParams& p, int r0, int 
   }
 }
 
-// acc + a·bit for bit ∈ {0, 1}: a·bit is exact, so a fused and an unfused multiply-add round the
-// same way; the partial sums are accumulated over k = 0, 1, … in this order on both sides.
+// acc + a·bit for bit ∈ {0, 1}, as the tiled partial-sum kernel adds a group's rows: a·bit is
+// exact (a or ±0), and a sum that starts at +0 never becomes −0, so adding a·0 leaves it unchanged
+// and the result is lookup_table_entry's, which adds only the rows whose bit is set.
 HOST_DEVICE inline float add_bit_product(float acc, float a, float bit) {
 #if defined(__CUDA_ARCH__)
   return __fmaf_rn(a, bit, acc);
@@ -101,15 +105,13 @@ HOST_DEVICE inline float add_bit_product(float acc, float a, float bit) {
 #endif
 }
 
-// One partial sum of one read: Σ_k operand[row][k]·b_t[r0 + k][q], k ascending (the exact mode's
-// summation order, which the tiled kernel keeps).
+// One partial sum of one read: Σ_k operand[row][k]·b_t[r0 + k][q] in the order of the CPU
+// backend's table look-up reads (cim::lookup_order_sum: groups of 4 rows, each in ascending row
+// order, then the groups in ascending order), which the tiled kernel keeps.
 HOST_DEVICE inline float partial_sum(const float* operand_row, int width, const uint16_t* mapped,
                                      int64_t positions, int r0, int64_t q, int bit) {
-  float acc = 0.0f;
-  for (int k = 0; k < width; ++k)
-    acc = add_bit_product(acc, operand_row[k],
-                          float((mapped[int64_t(r0 + k) * positions + q] >> bit) & 1));
-  return acc;
+  return cim::lookup_order_sum(operand_row, width, mapped + int64_t(r0) * positions + q,
+                               size_t(positions), bit);
 }
 
 enum class AdcKind : int { kDynamic = 0, kFixed = 1, kCalibrated = 2, kIdeal = 3 };
@@ -181,29 +183,76 @@ HOST_DEVICE inline double range_value(const ReadParams& p, const float* P, int r
   return reference_value(p, P, q, row - p.slices * p.outs);
 }
 
-// `noisy`: the value varies from chip to chip (cim_math.h, FixedAdc: how its code is found).
-HOST_DEVICE inline double quantise(const ReadParams& p, double x, double lo, double hi,
-                                   int subarray_rows, bool noisy) {
+// The code k of x for one read's ADC, Q(x) = code_offset() + code_step()·k, as the CPU backend's
+// with_code finds it: values that vary from chip to chip (`noisy`) multiplied by 1/step, noise-free
+// ones divided exactly (cim_math.h, FixedAdc); no ADC, or a dynamic range of width 0: k = x; a
+// fixed ADC of full scale 0: k = 0 (its step is 0).
+HOST_DEVICE inline double adc_code(const cim::IdealAdc&, double x, bool) {
+  return x;
+}
+HOST_DEVICE inline double adc_code(const cim::FixedAdc& adc, double x, bool noisy) {
+  return adc.step > 0.0 ? (noisy ? adc.code_noisy(x) : adc.code(x)) : 0.0;
+}
+HOST_DEVICE inline double adc_code(const cim::DynamicAdc& adc, double x, bool noisy) {
+  return adc.identity ? x : (noisy ? adc.code_noisy(x) : adc.code(x));
+}
+
+// Calls op(adc, ref_adc) with the ADCs of one read and slice — of its weight columns and of its
+// reference — as CpuCimBackend's with_adc makes them: `dynamic` over the read's ranges, `fixed`
+// with full scale rows·L, `calibrated` with the measured full scale, or none.
+template <class Op>
+HOST_DEVICE inline double with_slice_adcs(const ReadParams& p, const SliceRange* ranges, int m,
+                                          int subarray_rows, const Op& op) {
   switch (p.adc) {
     case AdcKind::kDynamic:
-      return cim::DynamicAdc(lo, hi, p.adc_bits)(x, noisy);
-    case AdcKind::kFixed:
-      return cim::FixedAdc(double(subarray_rows) * cim::max_code(p.cell_bits), p.adc_bits)(x,
-                                                                                           noisy);
-    case AdcKind::kCalibrated:
-      return cim::FixedAdc(p.calibrated_full_scale, p.adc_bits)(x, noisy);
+      return op(cim::DynamicAdc(ranges[m].lo, ranges[m].hi, p.adc_bits),
+                cim::DynamicAdc(ranges[m].ref_lo, ranges[m].ref_hi, p.adc_bits));
+    case AdcKind::kFixed: {
+      const cim::FixedAdc adc(double(subarray_rows) * cim::max_code(p.cell_bits), p.adc_bits);
+      return op(adc, adc);
+    }
+    case AdcKind::kCalibrated: {
+      const cim::FixedAdc adc(p.calibrated_full_scale, p.adc_bits);
+      return op(adc, adc);
+    }
     case AdcKind::kIdeal:
       break;
   }
-  return x;
+  return op(cim::IdealAdc(), cim::IdealAdc());
 }
 
-// One read's contribution to output (o, q): acc + Σ_m 2^(t + cb·m)·gain·(Q(P) − Q(Pref)), slices
-// in ascending order as the CPU backend adds them. `ranges` are the read's [slices] ranges (ADC
-// dynamic only). With ideal_clean, the exact integer form and the largest partial sum seen.
-HOST_DEVICE inline double accumulate_read(const ReadParams& p, const float* P,
-                                          const SliceRange* ranges, int subarray_rows, int bit,
-                                          int o, int64_t q, double acc, double* largest) {
+// codes + (w·b)·k of one slice (cim::add_code): w = read_weight, b = the ADC's code step, k the
+// code of the partial sum x (level units; it varies with the chip when σ > 0).
+struct AddSliceCode {
+  double codes, weight, x;
+  bool noisy;
+  template <class Adc>
+  HOST_DEVICE double operator()(const Adc& adc, const Adc&) const {
+    return cim::add_code(codes, cim::mul_rn(weight, adc.code_step()), adc_code(adc, x, noisy));
+  }
+};
+
+// common + w·(a − Q(Pref)) of one slice (cim::add_common): a = the weight ADC's code offset;
+// Q(Pref) = the reference ADC's offset + step·code of Pref, noisy only when the reference cells
+// vary themselves.
+struct AddSliceCommon {
+  double common, weight, ref;
+  bool ref_noisy;
+  template <class Adc>
+  HOST_DEVICE double operator()(const Adc& adc, const Adc& ref_adc) const {
+    const double level = cim::add_rn(
+        ref_adc.code_offset(), cim::mul_rn(ref_adc.code_step(), adc_code(ref_adc, ref, ref_noisy)));
+    return cim::add_common(common, weight, adc.code_offset(), level);
+  }
+};
+
+// §5, the codes' part of output (o, q) after one more read (input bit `bit` of a sub-array of
+// `subarray_rows` rows): codes + Σ_m (w_m·b_m)·k_m, slices from 0, as the CPU backend adds them.
+// `ranges` are the read's [slices] ranges (ADC dynamic only). With ideal_clean, the exact integer
+// form Σ_m 2^(t + cb·m)·(2·Σd·b − L·Σb) instead, and the largest partial sum seen (calibration).
+HOST_DEVICE inline double accumulate_codes(const ReadParams& p, const float* P,
+                                           const SliceRange* ranges, int subarray_rows, int bit,
+                                           int o, int64_t q, double codes, double* largest) {
   const float count = P[int64_t(p.slices * p.outs) * p.positions + q];
   if (p.ideal_clean) {
     const cim::CleanPartialSum partial(p.cell_bits, p.inv_onoff);
@@ -216,23 +265,42 @@ HOST_DEVICE inline double accumulate_read(const ReadParams& p, const float* P,
       const float raw = P[int64_t(m * p.outs + o) * p.positions + q];
       const double value = partial(double(raw), double(count));
       most = value > most ? value : most;
-      acc = cim::add_rn(acc, cim::mul_rn(place, cim::sub_rn(cim::mul_rn(2.0, double(raw)),
+      codes =
+          cim::add_rn(codes, cim::mul_rn(place, cim::sub_rn(cim::mul_rn(2.0, double(raw)),
                                                             cim::mul_rn(levels, double(count)))));
     }
     *largest = most;
-    return acc;
+    return codes;
   }
   for (int m = 0; m < p.slices; ++m) {
-    const double place = ldexp(1.0, bit + p.cell_bits * m);
-    const SliceRange r = ranges ? ranges[m] : SliceRange{0, 0, 0, 0};
-    const double ref_code = quantise(p, reference_value(p, P, q, m), r.ref_lo, r.ref_hi,
-                                     subarray_rows, !p.clean && p.ref_rows > 1);
-    const double code =
-        quantise(p, weight_value(p, P[int64_t(m * p.outs + o) * p.positions + q], count), r.lo,
-                 r.hi, subarray_rows, !p.clean);
-    acc = cim::add_rn(acc, cim::mul_rn(place, cim::mul_rn(p.gain, cim::sub_rn(code, ref_code))));
+    const AddSliceCode add{codes, cim::read_weight(p.gain, bit, m, p.cell_bits),
+                           weight_value(p, P[int64_t(m * p.outs + o) * p.positions + q], count),
+                           !p.clean};
+    codes = with_slice_adcs(p, ranges, m, subarray_rows, add);
   }
-  return acc;
+  return codes;
+}
+
+// §5, the part common to every output of position q after one more read: common +
+// Σ_m w_m·(a_m − Q(Pref_m)), slices from 0. Zero throughout with ideal_clean (the exact form).
+HOST_DEVICE inline double accumulate_common(const ReadParams& p, const float* P,
+                                            const SliceRange* ranges, int subarray_rows, int bit,
+                                            int64_t q, double common) {
+  if (p.ideal_clean) return common;
+  for (int m = 0; m < p.slices; ++m) {
+    const AddSliceCommon add{common, cim::read_weight(p.gain, bit, m, p.cell_bits),
+                             reference_value(p, P, q, m), p.ref_rows > 1};
+    common = with_slice_adcs(p, ranges, m, subarray_rows, add);
+  }
+  return common;
+}
+
+// §5: the layer's sum of output (o, q), acc[o][q] at acc_index, q = acc_index mod positions: the
+// codes' part plus the common part of its position, or the digital layer's exact sum alone
+// (common null).
+HOST_DEVICE inline double layer_sum(const double* codes, const double* common, int64_t acc_index,
+                                    int64_t positions) {
+  return common ? cim::add_rn(codes[acc_index], common[acc_index % positions]) : codes[acc_index];
 }
 
 // §5 and the bias: y = float(scale·acc + bias), as the CPU backend rounds it.

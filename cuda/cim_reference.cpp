@@ -71,7 +71,9 @@ std::vector<float> run_layer(const QuantisedLayer& layer, const CimConfig& confi
   const std::vector<uint16_t> mapped = quantise_im2col(layer, config, x, g);
   const int outs = g.out_channels;
   const int64_t positions = g.positions;
-  std::vector<double> acc(size_t(outs) * positions, 0.0);
+  // The codes' part [outs][positions] (a digital layer's exact sums) and the common part
+  // [positions] of the CIM layer's sums (cim-model.md §5, "Summation order").
+  std::vector<double> codes(size_t(outs) * positions, 0.0), common;
   double most = 0;
 
   if (layer.digital || run.all_digital) {
@@ -79,9 +81,10 @@ std::vector<float> run_layer(const QuantisedLayer& layer, const CimConfig& confi
     for (int o = 0; o < outs; ++o)
       for (int r = 0; r < g.rows; ++r)
         for (int64_t q = 0; q < positions; ++q)
-          acc[size_t(o) * positions + q] +=
+          codes[size_t(o) * positions + q] +=
               weights[size_t(o) * g.rows + r] * double(mapped[size_t(r) * positions + q]);
   } else {
+    common.assign(size_t(positions), 0.0);
     const ReadParams p =
         cimops::make_read_params(layer, config, run.sigma, run.calibrating, positions);
     const bool cycle = config.variation == VariationMode::kCycle && run.sigma > 0;
@@ -98,12 +101,14 @@ std::vector<float> run_layer(const QuantisedLayer& layer, const CimConfig& confi
             partial_sums(operand, p.operand_rows(), width, mapped, positions, r0, bit);
         std::vector<SliceRange> ranges;
         if (p.adc == cimops::AdcKind::kDynamic) ranges = adc_ranges(p, P);
+        const SliceRange* read_ranges = ranges.empty() ? nullptr : ranges.data();
         for (int o = 0; o < outs; ++o)
           for (int64_t q = 0; q < positions; ++q) {
-            double& a = acc[size_t(o) * positions + q];
-            a = cimops::accumulate_read(p, P.data(), ranges.empty() ? nullptr : ranges.data(),
-                                        width, bit, o, q, a, &most);
+            double& sum = codes[size_t(o) * positions + q];
+            sum = cimops::accumulate_codes(p, P.data(), read_ranges, width, bit, o, q, sum, &most);
           }
+        for (int64_t q = 0; q < positions; ++q)
+          common[q] = cimops::accumulate_common(p, P.data(), read_ranges, width, bit, q, common[q]);
       }
     }
   }
@@ -113,9 +118,12 @@ std::vector<float> run_layer(const QuantisedLayer& layer, const CimConfig& confi
   const int64_t plane = int64_t(g.out_h) * g.out_w;
   for (size_t i = 0; i < y.size(); ++i) {
     const int o = int((int64_t(i) / plane) % outs);
-    y[i] = cimops::output_value(layer.output_scale,
-                                acc[cimops::accumulator_index(int64_t(i), outs, plane, positions)],
-                                layer.spec.bias, o);
+    const int64_t acc_index = cimops::accumulator_index(int64_t(i), outs, plane, positions);
+    y[i] = cimops::output_value(
+        layer.output_scale,
+        cimops::layer_sum(codes.data(), common.empty() ? nullptr : common.data(), acc_index,
+                          positions),
+        layer.spec.bias, o);
   }
   return y;
 }

@@ -1,7 +1,8 @@
 // The CPU reference of the CUDA backend (llm.c style): each function loops the per-element
 // function of cuda/cim_ops.h that the matching kernel runs per thread, in the order the CUDA
 // backend runs its kernels. A GPU result must equal its reference bit for bit; the reference
-// itself is checked against CpuCimBackend (within float rounding) on machines without a GPU.
+// itself is checked against CpuCimBackend on machines without a GPU: bit for bit, except on
+// `cycle` chips at σ > 0, which the CPU backend reads through OpenBLAS GEMMs.
 #pragma once
 #include <cstdint>
 #include <vector>
@@ -21,7 +22,8 @@ std::vector<uint16_t> quantise_im2col(const QuantisedLayer& layer, const CimConf
 std::vector<float> program_subarray(const QuantisedLayer& layer, const CimConfig& config,
                                     double sigma, uint32_t trial, int s, uint32_t read);
 
-// Kernel partial_sums: one read's partial sums [operand_rows][positions].
+// Kernel partial_sums: one read's partial sums [operand_rows][positions], in the CPU backend's
+// look-up order (cimops::partial_sum).
 std::vector<float> partial_sums(const std::vector<float>& operand, int operand_rows, int width,
                                 const std::vector<uint16_t>& mapped, int64_t positions, int r0,
                                 int bit);

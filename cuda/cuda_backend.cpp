@@ -76,7 +76,10 @@ struct CudaCimBackend::Impl {
   // Per-layer scratch, grown to the largest layer and batch seen.
   DeviceBuffer<float> x{"layer input"}, y{"layer output"};
   DeviceBuffer<uint16_t> mapped{"input levels"};
-  DeviceBuffer<double> acc{"accumulators"}, digital_inputs{"digital inputs"};
+  // The layer's sums: the codes' part [outs][positions] (a digital layer's exact sums) and the
+  // part common to a position's outputs [positions] (cim-model.md §5, "Summation order").
+  DeviceBuffer<double> acc{"accumulators"}, common{"common parts"};
+  DeviceBuffer<double> digital_inputs{"digital inputs"};
   DeviceBuffer<float> partials{"partial sums"}, cycle_operands{"per-read operands"};
   DeviceBuffer<uint16_t> cycle_half{"fp16 per-read operands"}, planes{"fp16 bit planes"};
   DeviceBuffer<uint64_t> range_keys{"ADC range keys"}, largest{"calibration maximum"};
@@ -249,16 +252,17 @@ void CudaCimBackend::run_layer(int index, const float* x, int n, int h, int w, f
   cuda::quantise_im2col(im.x.data(), g, im.device_layers[index].mapped_to_logical.data(),
                         spec.input_range, im.config.input_bits, im.mapped.data(), im.stream);
   im.acc.reserve_discard(size_t(spec.out_channels) * g.positions, im.stream);
-  if (layer.digital || im.all_digital)
+  const bool digital = layer.digital || im.all_digital;
+  if (digital)
     im.run_digital(index, g.positions);
   else
     im.run_cim(index, g.positions);
 
   im.y.reserve_discard(out_count, im.stream);
   const DeviceLayer& d = im.device_layers[index];
-  cuda::scale_output(im.acc.data(), n, spec.out_channels, int64_t(out_h) * out_w,
-                     layer.output_scale, d.bias.empty() ? nullptr : d.bias.data(), im.y.data(),
-                     im.stream);
+  cuda::scale_output(im.acc.data(), digital ? nullptr : im.common.data(), n, spec.out_channels,
+                     int64_t(out_h) * out_w, layer.output_scale,
+                     d.bias.empty() ? nullptr : d.bias.data(), im.y.data(), im.stream);
   CIM_CUDA_CHECK(cudaMemcpyAsync(y, im.y.data(), out_count * sizeof(float), cudaMemcpyDeviceToHost,
                                  im.stream));
   CIM_CUDA_CHECK(cudaStreamSynchronize(im.stream));
@@ -319,7 +323,9 @@ void CudaCimBackend::Impl::run_cim(int index, int64_t positions) {
     largest.reserve_discard(1, stream);
     CIM_CUDA_CHECK(cudaMemsetAsync(largest.data(), 0, sizeof(uint64_t), stream));
   }
+  common.reserve_discard(size_t(positions), stream);
   CIM_CUDA_CHECK(cudaMemsetAsync(acc.data(), 0, acc.size() * sizeof(double), stream));
+  CIM_CUDA_CHECK(cudaMemsetAsync(common.data(), 0, size_t(positions) * sizeof(double), stream));
 
   cimops::ChipParams chip = cimops::make_chip_params(layer, config, sigma, trial);
   chip.levels = d.levels.data();
@@ -350,7 +356,7 @@ void CudaCimBackend::Impl::run_cim(int index, int64_t positions) {
     if (dynamic)
       cuda::adc_ranges(p, partials.data(), count, range_keys.data(), ranges.data(), stream);
     cuda::adc_accumulate(p, partials.data(), accumulate.data(), count,
-                         dynamic ? ranges.data() : nullptr, acc.data(),
+                         dynamic ? ranges.data() : nullptr, acc.data(), common.data(),
                          track_largest ? largest.data() : nullptr, stream);
   }
   if (track_largest) {
@@ -428,6 +434,7 @@ void CudaCimBackend::Impl::check_guards() const {
   y.check_guard();
   mapped.check_guard();
   acc.check_guard();
+  common.check_guard();
   digital_inputs.check_guard();
   partials.check_guard();
   cycle_operands.check_guard();

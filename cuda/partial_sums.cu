@@ -11,6 +11,7 @@ namespace {
 constexpr int kTileRows = 64, kTilePositions = 64, kTileK = 32;
 constexpr int kThreadsX = 16, kThreadsY = 16, kPerThread = 4;  // 16·4 = 64 both ways
 static_assert(kThreadsX * kPerThread == kTilePositions && kThreadsY * kPerThread == kTileRows);
+static_assert(kTileK % cim::kLookupRows == 0, "a k tile holds whole groups of the look-up order");
 
 struct JobBatch {
   PartialSumJob jobs[kMaxReadsPerLaunch];
@@ -18,8 +19,12 @@ struct JobBatch {
 
 // Block (x, y, z) computes the 64 × 64 tile of P at positions 64x…, rows 64y…, of read z. Each
 // thread owns 4 × 4 outputs, strided by 16 so that a warp stores 16 consecutive positions. The
-// k loop runs in ascending order over tiles and within them; entries past the sub-array are
-// zero, and adding 0·0 leaves a sum unchanged, so the padding does not alter any rounding.
+// k loop keeps the order of cim::lookup_order_sum, the CPU backend's table reads: each group of
+// kLookupRows rows (k = 4g … 4g + 3 of the sub-array; tiles start at multiples of 4) is summed in
+// ascending order from 0, and the groups are added to the partial sum in ascending order (the sum
+// starts at +0, and +0 + group 0 is group 0: a group's sum is never −0). Entries past the sub-array
+// are zero, and adding 0·0 leaves a group's or a partial sum unchanged, so the padding does not
+// alter any rounding.
 __global__ void __launch_bounds__(kThreadsX* kThreadsY)
     partial_sums_kernel(JobBatch batch, int operand_rows, const uint16_t* __restrict__ mapped,
                         int64_t positions) {
@@ -50,14 +55,21 @@ __global__ void __launch_bounds__(kThreadsX* kThreadsY)
                            : 0.0f;
     }
     __syncthreads();
-#pragma unroll 4
-    for (int kk = 0; kk < kTileK; ++kk) {
-      float a[kPerThread], b[kPerThread];
-      for (int i = 0; i < kPerThread; ++i) a[i] = a_tile[ty + kThreadsY * i][kk];
-      for (int j = 0; j < kPerThread; ++j) b[j] = b_tile[kk][tx + kThreadsX * j];
+    for (int g0 = 0; g0 < kTileK && k0 + g0 < job.width; g0 += cim::kLookupRows) {
+      float group[kPerThread][kPerThread];
       for (int i = 0; i < kPerThread; ++i)
-        for (int j = 0; j < kPerThread; ++j)
-          acc[i][j] = cimops::add_bit_product(acc[i][j], a[i], b[j]);
+        for (int j = 0; j < kPerThread; ++j) group[i][j] = 0.0f;
+#pragma unroll
+      for (int kk = g0; kk < g0 + cim::kLookupRows; ++kk) {
+        float a[kPerThread], b[kPerThread];
+        for (int i = 0; i < kPerThread; ++i) a[i] = a_tile[ty + kThreadsY * i][kk];
+        for (int j = 0; j < kPerThread; ++j) b[j] = b_tile[kk][tx + kThreadsX * j];
+        for (int i = 0; i < kPerThread; ++i)
+          for (int j = 0; j < kPerThread; ++j)
+            group[i][j] = cimops::add_bit_product(group[i][j], a[i], b[j]);
+      }
+      for (int i = 0; i < kPerThread; ++i)
+        for (int j = 0; j < kPerThread; ++j) acc[i][j] = acc[i][j] + group[i][j];
     }
     __syncthreads();
   }

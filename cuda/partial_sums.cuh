@@ -1,9 +1,10 @@
-// Op partial_sums, exact mode (cim-model.md §4): for each read (sub-array, input bit) of a group,
-// P[row][q] = Σ_k operand[row][k]·b_t[r0 + k][q] in fp32, k ascending — the order of
-// cimops::partial_sum, so that P equals its CPU reference bit for bit whatever the tiling. A
-// tiled SIMT kernel rather than cuBLAS: cuBLAS does not promise a summation order, and a
-// different order moves partial sums across ADC code boundaries. CPU reference:
-// cimref::partial_sums.
+// Op partial_sums, exact mode (cim-model.md §4, "Summation order"): for each read (sub-array,
+// input bit) of a group, P[row][q] = Σ_k operand[row][k]·b_t[r0 + k][q] in fp32, in the order of
+// the CPU backend's table look-up reads — groups of 4 rows, each in ascending row order, then the
+// groups in ascending order (cimops::partial_sum, cim::lookup_order_sum) — so that P equals its
+// CPU reference, and the CPU backend's look-up read, bit for bit whatever the tiling. A tiled SIMT
+// kernel rather than cuBLAS: cuBLAS does not promise a summation order, and a different order
+// moves partial sums across ADC code boundaries. CPU reference: cimref::partial_sums.
 #pragma once
 #include <cuda_runtime.h>
 

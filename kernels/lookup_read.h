@@ -34,7 +34,8 @@ HOST_DEVICE inline float lookup_table_entry(const float* cell, int row_step, int
 }
 
 // The bit pattern of one group for input bit t: bit i is bit t of the input level of row i.
-HOST_DEVICE inline int lookup_pattern(const uint16_t* levels, int level_step, int rows, int bit) {
+HOST_DEVICE inline int lookup_pattern(const uint16_t* levels, size_t level_step, int rows,
+                                      int bit) {
   int pattern = 0;
   for (int i = 0; i < rows; ++i) pattern |= ((levels[i * level_step] >> bit) & 1) << i;
   return pattern;
@@ -48,6 +49,23 @@ HOST_DEVICE inline float lookup_partial_sum(const float* table, int stride, int 
   float sum = table[size_t(patterns[0]) * stride + column];
   for (int g = 1; g < groups; ++g)
     sum = sum + table[(size_t(g) * kLookupPatterns + patterns[g * pattern_step]) * stride + column];
+  return sum;
+}
+
+// The same partial sum without a table, for an executor that does not tabulate the chip (the CUDA
+// backend and its CPU reference): `cell` is one operand row (width conductances), `levels[k·
+// level_step]` row k's input level. Each group's entry is computed as lookup_table_entry would hold
+// it for the group's bit pattern, and the entries are added as lookup_partial_sum adds them, so the
+// float32 result is the table read's bit for bit.
+HOST_DEVICE inline float lookup_order_sum(const float* cell, int width, const uint16_t* levels,
+                                          size_t level_step, int bit) {
+  float sum = 0.0f;
+  for (int first = 0; first < width; first += kLookupRows) {
+    const int rows = width - first < kLookupRows ? width - first : kLookupRows;
+    const float entry = lookup_table_entry(
+        cell + first, 1, rows, lookup_pattern(levels + first * level_step, level_step, rows, bit));
+    sum = first == 0 ? entry : sum + entry;
+  }
   return sum;
 }
 
