@@ -49,7 +49,8 @@ struct Case {
 template <class T>
 void write_raw(const std::string& path, const std::vector<T>& values) {
   std::ofstream file(path, std::ios::binary);
-  file.write(reinterpret_cast<const char*>(values.data()), std::streamsize(values.size() * sizeof(T)));
+  file.write(reinterpret_cast<const char*>(values.data()),
+             std::streamsize(values.size() * sizeof(T)));
 }
 template <class T>
 std::vector<T> read_raw(const std::string& path, size_t count) {
@@ -162,8 +163,14 @@ class CimReference : public ::testing::Test {
     nlohmann::json entry = {
         {"name", c.name},
         {"layer",
-         {{"out", kOut}, {"in", kIn}, {"kernel", kKernel}, {"stride", 1}, {"pad", 1},
-          {"a_max", kInputRange}, {"weight", "weight.f32"}, {"bias", "bias.f32"}}},
+         {{"out", kOut},
+          {"in", kIn},
+          {"kernel", kKernel},
+          {"stride", 1},
+          {"pad", 1},
+          {"a_max", kInputRange},
+          {"weight", "weight.f32"},
+          {"bias", "bias.f32"}}},
         {"input", "input.f32"},
         {"input_shape", {kBatch, kIn, kHeight, kWidth}},
         {"sigma", c.sigma},
@@ -188,8 +195,9 @@ class CimReference : public ::testing::Test {
     nlohmann::json entries = nlohmann::json::array();
     for (const Case& c : cases) entries.push_back(case_entry(c));
     testing::write_text(dir_.file("cases.json"), entries.dump());
-    const std::string command = std::string(CIMSWEEP_PYTHON) + " " CIMSWEEP_SOURCE_DIR
-                                "/tests/python/cim_layer_golden.py " + dir_.path();
+    const std::string command = std::string(CIMSWEEP_PYTHON) +
+                                " " CIMSWEEP_SOURCE_DIR "/tests/python/cim_layer_golden.py " +
+                                dir_.path();
     const int status = std::system(command.c_str());
     EXPECT_EQ(status, 0) << command;
     return nlohmann::json::parse(testing::read_text(dir_.file("summary.json")));
@@ -281,8 +289,9 @@ TEST_F(CimReference, DeviceChipsMatchThePythonReferenceBitForBit) {
     if (c.clamp_at_zero) {
       EXPECT_GT(summary[c.name]["clamped"].get<int>(), 0) << "σ too small to clamp anything";
     }
-    std::cout << c.name << ": " << y.size() << " outputs equal, " << moved
-              << " differ from σ = 0, clamped cells " << summary[c.name]["clamped"] << "\n";
+    std::cout << c.name << ": " << y.size() - differing << " of " << y.size() << " outputs equal, "
+              << moved << " differ from σ = 0, clamped cells " << summary[c.name]["clamped"]
+              << "\n";
   }
 }
 
@@ -365,8 +374,8 @@ TEST_F(CimReference, CycleChipsMatchThePythonReferenceUpToCountedFlips) {
     for (size_t i = 0; i < y.size(); ++i) moved += y[i] != device[i];
     EXPECT_GT(moved, y.size() / 2);
     std::cout << c.name << ": " << differing << " of " << y.size()
-              << " outputs differ from the reference, all within their slack (largest "
-              << worst << " of it); ADC conversions a reordered sum could flip: "
+              << " outputs differ from the reference, all within their slack (largest " << worst
+              << " of it); ADC conversions a reordered sum could flip: "
               << summary[c.name]["possible_flips"] << "; clamped cells "
               << summary[c.name]["clamped"] << "\n";
   }
