@@ -319,6 +319,8 @@ TEST(BlockDropTraining, JointFineTuningKeepsAccuracyAndWritesBothFiles) {
   // The two files reproduce the last joint epoch's test accuracy: the fine-tuned backbone read
   // back, digital, under the masks of the policy read back.
   const std::vector<uint8_t> masks = expected_masks(policy, test);
+  std::cout << "last joint epoch: " << r.epochs.back().test_accuracy << " %, "
+            << r.epochs.back().blocks_kept << " blocks kept\n";
   EXPECT_DOUBLE_EQ(digital_accuracy(tuned, test, masks.data()), r.epochs.back().test_accuracy);
   EXPECT_DOUBLE_EQ(kept_and_patterns(masks, 3).first, r.epochs.back().blocks_kept);
 }
@@ -373,8 +375,8 @@ TEST(BlockDropEval, KeepStatisticsCountBlocksPatternsAndMacs) {
   // By hand, ResNet-8 of width 4 on 8×8 grey images, 4 classes, shortcut A (no shortcut convs):
   // a 3×3 conv makes out·in·9 MACs per output pixel.
   const int64_t stem = 4 * 1 * 9 * 64, fc = 16 * 4;
-  const std::vector<int64_t> blocks{2 * 4 * 4 * 9 * 64,                  // stage 1, 8×8
-                                    8 * 4 * 9 * 16 + 8 * 8 * 9 * 16,     // stage 2, 4×4
+  const std::vector<int64_t> blocks{2 * 4 * 4 * 9 * 64,                 // stage 1, 8×8
+                                    8 * 4 * 9 * 16 + 8 * 8 * 9 * 16,    // stage 2, 4×4
                                     16 * 8 * 9 * 4 + 16 * 16 * 9 * 4};  // stage 3, 2×2
   EXPECT_EQ(macs.block, blocks);
   EXPECT_EQ(macs.total, stem + blocks[0] + blocks[1] + blocks[2] + fc);
@@ -523,6 +525,8 @@ TEST(BlockDropCli, SweepRunsThePolicyWithItsFineTunedBackbone) {
   const Dataset test = quadrant_blobs(100, seed + 1000, 8);
   const std::vector<uint8_t> masks = expected_masks(load_model(f.policy), test);
   const auto row = nlohmann::json::parse(eval.out).at(0);
+  std::cout << "eval: clean " << row.at("clean_accuracy") << " %, " << row.at("blocks_kept")
+            << " blocks kept\n";
   EXPECT_DOUBLE_EQ(row.at("clean_accuracy").get<double>(),
                    digital_accuracy(load_model(tuned), test, masks.data()));
   EXPECT_DOUBLE_EQ(row.at("blocks_kept").get<double>(), kept_and_patterns(masks, 3).first);

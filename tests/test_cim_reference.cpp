@@ -9,6 +9,7 @@
 // through OpenBLAS GEMMs whose summation order is the library's, so each output may move by the
 // codes such a reordering could flip, which the reference counts (its "slack").
 // Skipped where /usr/bin/python3 lacks torch/numpy (tools/install-deps.sh --with-python).
+// Also the effect of --digital-layers and --neurosim-scale (one layer's arithmetic, nothing else).
 #include <gtest/gtest.h>
 
 #include <cmath>
@@ -22,6 +23,7 @@
 #include <nlohmann/json.hpp>
 
 #include "host/cim_cpu.h"
+#include "host/model_file.h"
 #include "kernels/noise.h"
 #include "test_util.h"
 
@@ -33,6 +35,8 @@ using testing::TempDir;
 constexpr int kOut = 13, kIn = 33, kKernel = 3, kBatch = 3, kHeight = 5, kWidth = 7;
 constexpr float kInputRange = 0.8f;
 constexpr uint32_t kTrial = 3;  // an evaluation chip other than trial 0
+constexpr AdcMode kAdcModes[] = {AdcMode::kIdeal, AdcMode::kFixed, AdcMode::kDynamic,
+                                 AdcMode::kCalibrated};
 
 struct Case {
   std::string name;
@@ -214,11 +218,8 @@ class CimReference : public ::testing::Test {
 // on/off = ∞}, plus 6-bit weights on 2-bit cells (3 slices) and the dense mapping.
 std::vector<Case> device_cases() {
   std::vector<Case> cases;
-  const std::pair<std::string, AdcMode> adcs[] = {{"ideal", AdcMode::kIdeal},
-                                                  {"fixed", AdcMode::kFixed},
-                                                  {"dynamic", AdcMode::kDynamic},
-                                                  {"calibrated", AdcMode::kCalibrated}};
-  for (const auto& [adc_name, adc] : adcs) {
+  for (AdcMode adc : kAdcModes) {
+    const std::string adc_name = to_string(adc);
     Case plain{adc_name, adc, VariationMode::kDevice, 0.1};
     cases.push_back(plain);
     Case clamped = plain;
@@ -331,11 +332,8 @@ TEST_F(CimReference, DigitalLayersRunTheQuantisedLayerExactlyAndOnlyThose) {
 
 TEST_F(CimReference, CycleChipsMatchThePythonReferenceUpToCountedFlips) {
   std::vector<Case> cases;
-  const std::pair<std::string, AdcMode> adcs[] = {{"ideal", AdcMode::kIdeal},
-                                                  {"fixed", AdcMode::kFixed},
-                                                  {"dynamic", AdcMode::kDynamic},
-                                                  {"calibrated", AdcMode::kCalibrated}};
-  for (const auto& [adc_name, adc] : adcs) {
+  for (AdcMode adc : kAdcModes) {
+    const std::string adc_name = to_string(adc);
     cases.push_back(Case{"cycle_" + adc_name, adc, VariationMode::kCycle, 0.1});
     Case reference = cases.back();
     reference.name += "_refvar_clamp";
@@ -379,6 +377,35 @@ TEST_F(CimReference, CycleChipsMatchThePythonReferenceUpToCountedFlips) {
               << summary[c.name]["possible_flips"] << "; clamped cells "
               << summary[c.name]["clamped"] << "\n";
   }
+}
+
+// --digital-layers through the command line, on the golden multi-exit ResNet-8 (tests/data):
+// naming every layer makes a chip at σ = 0.3 the clean network, so that every trial scores the
+// clean accuracy; without it the same chips score otherwise.
+TEST(CimOptions, DigitalLayersNamingEveryLayerMakeANoisyChipTheCleanNetwork) {
+  TempDir dir;
+  testing::write_tiny_idx_test_split(dir.path(), testing::test_seed(1414));
+  const std::string model =
+      CIMSWEEP_SOURCE_DIR "/tests/data/golden_resnet8_k5_w3_11x13_shortcutB_exits.safetensors";
+  std::string names;
+  const LoadedModel loaded = load_model(model);
+  for (const CimLayerSpec& layer : loaded.network->cim_layers())
+    names += (names.empty() ? "" : ",") + layer.name;
+  const std::string eval = "eval " + model + " --data " + dir.path() +
+                           " --quiet --sigma 0.3 --trials 3 --backend cpu --format json";
+  const auto digital = testing::run_cimsweep(eval + " --digital-layers " + names);
+  ASSERT_EQ(digital.exit_code, 0) << digital.err;
+  const auto analog = testing::run_cimsweep(eval);
+  ASSERT_EQ(analog.exit_code, 0) << analog.err;
+  const auto digital_row = nlohmann::json::parse(digital.out).at(0);
+  const auto analog_row = nlohmann::json::parse(analog.out).at(0);
+  std::cout << "σ = 0.3: " << digital_row.at("mean") << " % with every layer digital, "
+            << analog_row.at("mean") << " % without; clean " << analog_row.at("clean_accuracy")
+            << " %\n";
+  EXPECT_EQ(digital_row.at("clean_accuracy"), analog_row.at("clean_accuracy"));
+  EXPECT_EQ(digital_row.at("mean"), digital_row.at("clean_accuracy"));
+  EXPECT_EQ(digital_row.at("std").get<double>(), 0.0);
+  EXPECT_NE(analog_row.at("mean"), analog_row.at("clean_accuracy"));
 }
 
 }  // namespace

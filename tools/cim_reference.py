@@ -646,8 +646,10 @@ def cim_layer_forward(weight, bias, a_max, x, sigma, weight_z=None, reference_z=
     # The float32 rounding of y may go either way once `total` moves at all.
     slack_y = np.where(slack > 0, output_scale * slack + np.spacing(np.abs(y32)).astype(np.float64),
                        0.0)
-    def as_planes(values):
+
+    def as_planes(values):  # [positions, outs] → [n, outs, oh, ow]
         return values.reshape(n, oh, ow, outs).transpose(0, 3, 1, 2)
+
     if partial_sum_error:
         return as_planes(y32), clamped, as_planes(slack_y), possible_flips
     return as_planes(y32), clamped
