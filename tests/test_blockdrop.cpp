@@ -8,6 +8,7 @@
 #include <cmath>
 #include <cstdio>
 #include <random>
+#include <set>
 #include <sstream>
 #include <string>
 #include <vector>
@@ -163,22 +164,59 @@ std::string make_backbone(const TempDir& dir, uint32_t seed, const Dataset& trai
   return path;
 }
 
-// Top-1 accuracy (%) of the backbone with every block, on the digital (σ = 0) chip.
-double full_depth_accuracy(const LoadedModel& model, const Dataset& data) {
+// The final head's logits [n × classes] of the quantised digital network (σ = 0, what eval runs
+// the policy on unless --policy-on-cim), with every block or under the keep masks `keep`.
+std::vector<float> digital_logits(const LoadedModel& model, const Dataset& data,
+                                  const uint8_t* keep = nullptr) {
   auto backend = make_backend({}, model.network->cim_layers(), CimConfig{});
   backend->program_chip(0, 0.0);
   backend->set_all_digital(true);
   backend->begin_batch(0);
   std::vector<float> images(data.pixels.size());
   for (size_t i = 0; i < images.size(); ++i) images[i] = data.pixels[i] / 255.0f;
-  const auto logits = model.network->forward(images.data(), int(data.size()), *backend);
+  return model.network->forward(images.data(), int(data.size()), *backend, keep).back();
+}
+
+// Top-1 accuracy (%) of the digital backbone, with every block or under the masks `keep`.
+double digital_accuracy(const LoadedModel& model, const Dataset& data,
+                        const uint8_t* keep = nullptr) {
+  const std::vector<float> logits = digital_logits(model, data, keep);
   const int classes = model.network->arch().num_classes;
   size_t correct = 0;
   for (size_t i = 0; i < data.size(); ++i) {
-    const float* row = logits.back().data() + i * size_t(classes);
+    const float* row = logits.data() + i * size_t(classes);
     correct += int(std::max_element(row, row + classes) - row) == data.labels[i];
   }
   return 100.0 * double(correct) / double(data.size());
+}
+double full_depth_accuracy(const LoadedModel& model, const Dataset& data) {
+  return digital_accuracy(model, data);
+}
+
+// The keep masks [n × blocks] the policy's documented rule gives: block k runs when its digital
+// logit, plus w_k·σ/sigma_scale for a σ-aware policy, is ≥ 0 (p = sigmoid ≥ 1/2).
+std::vector<uint8_t> expected_masks(const LoadedModel& policy, const Dataset& data,
+                                    const std::vector<float>& sigma_weight = {},
+                                    double sigma_input = 0) {
+  const std::vector<float> logits = digital_logits(policy, data);
+  const size_t blocks = size_t(policy.network->arch().num_classes);
+  std::vector<uint8_t> keep(logits.size());
+  for (size_t at = 0; at < keep.size(); ++at) {
+    const double w = sigma_weight.empty() ? 0.0 : sigma_weight[at % blocks];
+    keep[at] = double(logits[at]) + w * sigma_input >= 0 ? 1 : 0;
+  }
+  return keep;
+}
+
+// Mean blocks kept per image and the number of distinct patterns of masks [n × blocks].
+std::pair<double, size_t> kept_and_patterns(const std::vector<uint8_t>& keep, size_t blocks) {
+  std::set<std::vector<uint8_t>> patterns;
+  size_t kept = 0;
+  for (size_t i = 0; i < keep.size(); i += blocks) {
+    patterns.emplace(keep.begin() + long(i), keep.begin() + long(i + blocks));
+    for (size_t k = 0; k < blocks; ++k) kept += keep[i + k];
+  }
+  return {double(kept) / double(keep.size() / blocks), patterns.size()};
 }
 
 BlockDropSettings tiny_policy_settings(uint64_t seed) {
@@ -276,9 +314,15 @@ TEST(BlockDropTraining, JointFineTuningKeepsAccuracyAndWritesBothFiles) {
     ranges_changed |= r.backbone_input_ranges.at(layer.name) != layer.input_range;
   EXPECT_TRUE(ranges_changed);
   EXPECT_EQ(r.backbone_input_ranges.at("conv1"), 1.0f);
-  // The evaluator runs it under the policy's masks as the last joint epoch's test did.
   const auto provenance = nlohmann::json::parse(tuned.metadata.at("cimsweep.provenance"));
   EXPECT_EQ(provenance.at("finetuned_from_hash"), backbone.content_hash);
+  // The two files reproduce the last joint epoch's test accuracy: the fine-tuned backbone read
+  // back, digital, under the masks of the policy read back.
+  const std::vector<uint8_t> masks = expected_masks(policy, test);
+  std::cout << "last joint epoch: " << r.epochs.back().test_accuracy << " %, "
+            << r.epochs.back().blocks_kept << " blocks kept\n";
+  EXPECT_DOUBLE_EQ(digital_accuracy(tuned, test, masks.data()), r.epochs.back().test_accuracy);
+  EXPECT_DOUBLE_EQ(kept_and_patterns(masks, 3).first, r.epochs.back().blocks_kept);
 }
 
 TEST(BlockDropTraining, JointFineTuningSameSeedSameResult) {
@@ -328,13 +372,14 @@ TEST(BlockDropEval, KeepStatisticsCountBlocksPatternsAndMacs) {
   const Dataset train = quadrant_blobs(64, seed, 8), test = quadrant_blobs(16, seed + 1000, 8);
   const LoadedModel backbone = load_model(make_backbone(dir, seed, train, test));
   const BlockMacs macs = block_macs(*backbone.network);
-  ASSERT_EQ(macs.block.size(), 3u);
-  int64_t blocks_total = 0;
-  for (int64_t m : macs.block) {
-    EXPECT_GT(m, 0);
-    blocks_total += m;
-  }
-  EXPECT_LT(blocks_total, macs.total);  // the stem and the FC are never skipped
+  // By hand, ResNet-8 of width 4 on 8×8 grey images, 4 classes, shortcut A (no shortcut convs):
+  // a 3×3 conv makes out·in·9 MACs per output pixel.
+  const int64_t stem = 4 * 1 * 9 * 64, fc = 16 * 4;
+  const std::vector<int64_t> blocks{2 * 4 * 4 * 9 * 64,                 // stage 1, 8×8
+                                    8 * 4 * 9 * 16 + 8 * 8 * 9 * 16,    // stage 2, 4×4
+                                    16 * 8 * 9 * 4 + 16 * 16 * 9 * 4};  // stage 3, 2×2
+  EXPECT_EQ(macs.block, blocks);
+  EXPECT_EQ(macs.total, stem + blocks[0] + blocks[1] + blocks[2] + fc);
   KeepStatistics stats(macs);
   const std::vector<uint8_t> masks{1, 1, 1, 0, 1, 1, 0, 1, 1, 0, 0, 1};
   stats.add(masks.data(), 4, 3);
@@ -407,14 +452,26 @@ TEST(BlockDropCli, SweepRunsThePolicyBesideItsFixedDepthBackbone) {
   ASSERT_EQ(sweep.exit_code, 0) << sweep.err;
   const auto rows = nlohmann::json::parse(sweep.out);
   ASSERT_EQ(rows.size(), 4u);
+  // What the policy must choose on the 100 test images, from its digital logits and the
+  // documented threshold; the digital policy ignores σ, so every chip gets the same masks.
+  const Dataset test = quadrant_blobs(100, seed + 1000, 8);
+  const LoadedModel policy = load_model(f.policy), backbone = load_model(f.backbone);
+  const std::vector<uint8_t> masks = expected_masks(policy, test);
+  const auto [kept, patterns] = kept_and_patterns(masks, 3);
+  std::cout << "policy keeps " << kept << " blocks per image, " << patterns << " patterns\n";
   for (const auto& row : rows) {
     const bool is_policy = row.at("model") == "policy";
     EXPECT_EQ(row.contains("blocks_kept"), is_policy) << row.dump();
-    if (!is_policy) continue;
-    EXPECT_GE(row.at("blocks_kept").get<double>(), 0.0);
-    EXPECT_LE(row.at("blocks_kept").get<double>(), 3.0);
-    EXPECT_GE(row.at("keep_patterns").get<double>(), 1.0);
-    EXPECT_GE(row.at("blocks_kept_std").get<double>(), 0.0);
+    if (!is_policy) {
+      EXPECT_DOUBLE_EQ(row.at("clean_accuracy").get<double>(), digital_accuracy(backbone, test));
+      continue;
+    }
+    EXPECT_DOUBLE_EQ(row.at("blocks_kept").get<double>(), kept);
+    EXPECT_EQ(row.at("keep_patterns").get<double>(), double(patterns));
+    EXPECT_NEAR(row.at("blocks_kept_std").get<double>(), 0.0, 1e-6) << "same masks every chip";
+    // The clean row: the digital backbone under those masks.
+    EXPECT_DOUBLE_EQ(row.at("clean_accuracy").get<double>(),
+                     digital_accuracy(backbone, test, masks.data()));
   }
   // The policy's records carry their keep statistics and a configuration of their own.
   std::string backbone_hash, policy_hash;
@@ -460,9 +517,76 @@ TEST(BlockDropCli, SweepRunsThePolicyWithItsFineTunedBackbone) {
                                     "--crop-padding 0 --calibration-images 100 --quiet " +
                                     "--threads 1 --seed 999 --output " + f.backbone);
   ASSERT_EQ(retrain.exit_code, 0) << retrain.err;
-  const auto eval =
-      run_cimsweep("eval " + f.policy + " --data " + f.data + " --sigma 0.1 --backend cpu --quiet");
-  EXPECT_EQ(eval.exit_code, 0) << eval.err;
+  const auto eval = run_cimsweep("eval " + f.policy + " --data " + f.data +
+                                 " --sigma 0.1 --backend cpu --quiet --format json");
+  ASSERT_EQ(eval.exit_code, 0) << eval.err;
+  // It runs the fine-tuned backbone under the policy's masks: the clean accuracy is that of the
+  // digital fine-tuned backbone under the masks the policy's logits give.
+  const Dataset test = quadrant_blobs(100, seed + 1000, 8);
+  const std::vector<uint8_t> masks = expected_masks(load_model(f.policy), test);
+  const auto row = nlohmann::json::parse(eval.out).at(0);
+  std::cout << "eval: clean " << row.at("clean_accuracy") << " %, " << row.at("blocks_kept")
+            << " blocks kept\n";
+  EXPECT_DOUBLE_EQ(row.at("clean_accuracy").get<double>(),
+                   digital_accuracy(load_model(tuned), test, masks.data()));
+  EXPECT_DOUBLE_EQ(row.at("blocks_kept").get<double>(), kept_and_patterns(masks, 3).first);
+}
+
+// σ reaches the σ-aware policy: a policy file whose σ weights flip every block's decision at
+// σ > 0 (w_k = ∓1000 against the side its logits take at σ = 0) keeps what its logits say at
+// σ = 0 and the opposite at σ = 0.1, in the sweep's own keep statistics.
+TEST(BlockDropCli, SigmaAwarePolicyDecisionFlipsWithTheChipsSigma) {
+  using cimsweep::testing::run_cimsweep;
+  const uint32_t seed = cimsweep::testing::test_seed(51);
+  TempDir dir;
+  const Dataset train = quadrant_blobs(64, seed, 8), test = quadrant_blobs(40, seed + 1000, 8);
+  cimsweep::testing::write_idx(train, dir.path(), "train");
+  cimsweep::testing::write_idx(test, dir.path(), "t10k");
+  const LoadedModel backbone = load_model(make_backbone(dir, seed, train, test));
+  // The policy network: a briefly trained 3-class ResNet-8, one output per block.
+  TrainSettings settings;
+  settings.depth = 8;
+  settings.width = 4;
+  settings.epochs = 1;
+  settings.batch = 32;
+  settings.seed = seed + 1;
+  settings.crop_padding = 0;
+  settings.calibration_images = 64;
+  settings.quiet = true;
+  const TrainResult net = train_network(settings, quadrant_blobs(64, seed + 2, 8, 3),
+                                        quadrant_blobs(12, seed + 3, 8, 3));
+  save_model(dir.file("net.safetensors"), net.arch, net.tensors, net.input_ranges);
+  const std::vector<uint8_t> clean_masks =
+      expected_masks(load_model(dir.file("net.safetensors")), test);
+  BlockDropResult r;
+  r.policy_arch = net.arch;
+  r.tensors = net.tensors;
+  r.input_ranges = net.input_ranges;
+  r.sigma_scale = 0.2;
+  for (size_t k = 0; k < 3; ++k) {
+    size_t kept = 0;
+    for (size_t i = k; i < clean_masks.size(); i += 3) kept += clean_masks[i];
+    r.sigma_weight.push_back(2 * kept >= test.size() ? -1000.0f : 1000.0f);
+  }
+  const std::string path = dir.file("policy.safetensors");
+  save_blockdrop_policy(path, r, backbone);
+  const LoadedModel policy = load_model(path);
+  const double kept_clean = kept_and_patterns(expected_masks(policy, test), 3).first;
+  const double kept_noisy =
+      kept_and_patterns(expected_masks(policy, test, r.sigma_weight, 0.1 / 0.2), 3).first;
+  std::cout << "blocks kept: " << kept_clean << " at σ = 0, " << kept_noisy << " at σ = 0.1\n";
+  ASSERT_NE(kept_clean, kept_noisy) << "the σ weights must change the decision";
+
+  const auto sweep = run_cimsweep("sweep " + path + " --data " + dir.path() +
+                                  " --sigmas 0,0.1 --trials 1 --backend cpu --threads 1 --quiet " +
+                                  "--format json");
+  ASSERT_EQ(sweep.exit_code, 0) << sweep.err;
+  const auto rows = nlohmann::json::parse(sweep.out);
+  ASSERT_EQ(rows.size(), 2u) << sweep.out;
+  EXPECT_EQ(rows[0].at("sigma"), 0.0);
+  EXPECT_DOUBLE_EQ(rows[0].at("blocks_kept").get<double>(), kept_clean);
+  EXPECT_EQ(rows[1].at("sigma"), 0.1);
+  EXPECT_DOUBLE_EQ(rows[1].at("blocks_kept").get<double>(), kept_noisy);
 }
 
 TEST(BlockDropCli, BadInputIsAOneLineError) {

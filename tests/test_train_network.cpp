@@ -12,6 +12,7 @@
 #include <vector>
 
 #include "host/cim_cpu.h"
+#include "kernels/noise.h"
 #include "networks/resnet.h"
 #include "tests/test_util.h"
 #include "train/layers.h"
@@ -283,6 +284,65 @@ TEST(TrainableResNet, TrainingStepsAreIndependentOfTheThreadCount) {
   omp_set_num_threads(omp_get_num_procs());
   EXPECT_EQ(results[0], results[1]);
   EXPECT_EQ(results[0], results[2]);
+}
+
+// --train-sigma (README: "weights × (1 + S·z), z drawn afresh every batch"): a training forward
+// at noise S equals the noise-free forward of a copy whose conv and FC weights were multiplied by
+// (1 + S·z) here, z the Philox/AS241 draw of cim-model.md §2 keyed by (seed, step) and counted by
+// (weight / 4, the layer's forward-order number, stream 2, read step >> 32). Biases, batch norm
+// and exit heads' other tensors stay as they are; the next batch draws another z; an evaluation
+// forward ignores the option.
+TEST(TrainableResNet, TrainSigmaMultipliesEveryWeightByOnePlusSigmaZ) {
+  const ResNetArch arch = tiny_arch('B', "split", "conv");
+  TrainableResNet noisy(arch), by_hand(arch);
+  noisy.initialise(cimsweep::testing::test_seed(61));
+  by_hand.import_tensors(noisy.export_tensors());
+  const float sigma = 0.1f;
+  const uint32_t seed = 9;
+  const uint64_t step = 3;
+  constexpr uint32_t kTrainingNoiseStream = 2;
+  for (size_t index = 0; index < by_hand.cim_layer_names().size(); ++index) {
+    std::vector<float>& w = by_hand.parameter(by_hand.cim_layer_names()[index] + ".weight").value;
+    for (size_t group = 0; group * 4 < w.size(); ++group) {
+      float z[4];
+      cim::normal4(cim::NoiseKey{seed, uint32_t(step)}, uint32_t(index), kTrainingNoiseStream,
+                   group, uint32_t(step >> 32), z);
+      for (size_t i = group * 4; i < std::min(w.size(), group * 4 + 4); ++i)
+        w[i] *= 1.0f + sigma * z[i - group * 4];
+    }
+  }
+  std::mt19937 rng(62);
+  std::uniform_real_distribution<float> pixel(0.0f, 1.0f);
+  const int n = 5;
+  std::vector<float> images(size_t(n) * 3 * 9 * 7);
+  for (float& v : images) v = pixel(rng);
+
+  ForwardOptions train;
+  train.training = true;
+  train.update_running_stats = false;
+  train.quant.enabled = false;
+  ForwardOptions with_noise = train;
+  with_noise.noise_sigma = sigma;
+  with_noise.noise_seed = seed;
+  with_noise.noise_step = step;
+  const auto noisy_logits = noisy.forward(images.data(), n, with_noise);
+  const auto hand_logits = by_hand.forward(images.data(), n, train);
+  ASSERT_EQ(noisy_logits.size(), 3u);
+  for (size_t e = 0; e < noisy_logits.size(); ++e)
+    EXPECT_EQ(noisy_logits[e].data, hand_logits[e].data) << "exit " << e;
+  EXPECT_NE(noisy.forward(images.data(), n, train).back().data, noisy_logits.back().data)
+      << "the noise changes the logits";
+  with_noise.noise_step = step + 1;
+  EXPECT_NE(noisy.forward(images.data(), n, with_noise).back().data, noisy_logits.back().data)
+      << "the next batch draws another z";
+
+  ForwardOptions eval;
+  eval.quant.enabled = false;
+  ForwardOptions eval_with_noise = eval;
+  eval_with_noise.noise_sigma = sigma;
+  eval_with_noise.noise_seed = seed;
+  EXPECT_EQ(noisy.forward(images.data(), n, eval_with_noise).back().data,
+            noisy.forward(images.data(), n, eval).back().data);
 }
 
 TEST(ConvChunks, WholeBatchEqualsImageByImage) {

@@ -1,4 +1,4 @@
-"""Reference implementation of cimsweep's network family and its σ = 0 CIM numerics, in PyTorch.
+"""Reference implementation of cimsweep's network family and its CIM numerics, in PyTorch/numpy.
 
 It exists so that the C++ simulator can be checked against something written independently:
 
@@ -7,6 +7,10 @@ It exists so that the C++ simulator can be checked against something written ind
 * `quantised_digital_forward` computes what a CIM chip with no conductance variation (σ = 0) and an
   ideal ADC must output (docs/cim-model.md §5: "the CIM layer equals the digital layer with ŵ and A
   quantised"), in float64 with exact integer accumulation.
+* `cim_layer_forward` computes one CIM layer at any σ read by read (cell levels, the chip's
+  conductances from a given z per cell, look-up-order float32 partial sums, every ADC mode,
+  recombination in the contract's order): bit for bit what the CPU backend computes on a `device`
+  chip (tests/test_cim_reference.cpp); `calibrated_full_scale` the `calibrated` ADC's range.
 * `calibrate_input_ranges` measures every CIM layer's input clipping range `a_max`.
 * `save_model` writes the safetensors file with cimsweep's metadata. The `safetensors` package is
   not a dependency, so `write_safetensors` implements the (small) format directly.
@@ -418,3 +422,258 @@ def save_model(path, model, arch_dict, input_ranges, class_names, provenance):
         "cimsweep.provenance": json.dumps(provenance),
     }
     write_safetensors(path, tensors, metadata)
+
+
+# ------------------------------------------------------------------------------------------------
+# One CIM layer at σ ≥ 0, read by read (cim-model.md §1-§5), in numpy. Written from the contract,
+# not from the C++: every value that decides an ADC code is computed with the contract's
+# roundings (float32 conductances and partial sums in the look-up order of §4, float64 ADC and
+# recombination in the order of §5), so that a `device` chip gives the CPU backend's outputs bit
+# for bit. numpy has no Philox4x32-10, so the chip's z comes in explicitly.
+
+def subarray_rows(in_channels, kernel_h, kernel_w, rows, mapping):
+    """The logical rows k = (c, i, j) row-major of every sub-array, in read order (§4): mapping
+    `kernel` takes the kernel positions in row-major order and cuts each one's channels into
+    blocks of `rows`; `dense` cuts k = 0 … K − 1 into consecutive blocks."""
+    taps = kernel_h * kernel_w
+    if mapping == "kernel":
+        return [np.array([c * taps + tap for c in range(c0, min(in_channels, c0 + rows))])
+                for tap in range(taps) for c0 in range(0, in_channels, rows)]
+    total = in_channels * taps
+    return [np.arange(r0, min(total, r0 + rows)) for r0 in range(0, total, rows)]
+
+
+def _weight_levels(weight, weight_bits):
+    """(s, D[o, k]) of §1 with `maxabs` scaling: ŵ = W/s in float32, D rounded in float64."""
+    weight = np.asarray(weight, dtype=np.float32)
+    scale = np.float32(np.abs(weight).max())
+    w_hat = (weight / scale).astype(np.float64)
+    levels = np.rint((2 ** weight_bits - 1) / 2 * (w_hat + 1.0))
+    return float(scale), levels.reshape(weight.shape[0], -1).astype(np.int64)
+
+
+def _input_columns(x, a_max, input_bits, kernel_h, kernel_w, stride, pad):
+    """A[position, k] of §3 (positions (n, oy, ox) row-major, k = (c, i, j)), and the output
+    shape (n, oh, ow). Padding reads level 0."""
+    x = np.asarray(x, dtype=np.float32).astype(np.float64)
+    a_max = float(np.float32(a_max))
+    levels = np.rint((2 ** input_bits - 1) * np.clip(x, 0.0, a_max) / a_max).astype(np.int64)
+    n, c, h, w = levels.shape
+    padded = np.zeros((n, c, h + 2 * pad, w + 2 * pad), dtype=np.int64)
+    padded[:, :, pad:pad + h, pad:pad + w] = levels
+    oh, ow = (h + 2 * pad - kernel_h) // stride + 1, (w + 2 * pad - kernel_w) // stride + 1
+    columns = np.empty((n, oh, ow, c, kernel_h, kernel_w), dtype=np.int64)
+    for i in range(kernel_h):
+        for j in range(kernel_w):
+            columns[:, :, :, :, i, j] = padded[:, :, i:i + stride * oh:stride,
+                                               j:j + stride * ow:stride].transpose(0, 2, 3, 1)
+    return columns.reshape(n * oh * ow, -1), (n, oh, ow)
+
+
+def _lookup_sum(conductances, bits):
+    """Σ_k g[k, …]·b[position, k] in float32, in §4's order: per group of 4 consecutive rows the
+    set rows' conductances added in ascending order from 0, then the groups' sums added in
+    ascending order from group 0's. conductances: float32 [rows, …]; bits: bool [positions, rows]."""
+    extra = (1,) * (conductances.ndim - 1)
+    total = None
+    for first in range(0, bits.shape[1], 4):
+        group = np.zeros((bits.shape[0],) + conductances.shape[1:], dtype=np.float32)
+        for k in range(first, min(first + 4, bits.shape[1])):
+            group = np.where(bits[:, k].reshape((-1,) + extra), group + conductances[k], group)
+        total = group if total is None else total + group
+    return total
+
+
+class _Adc:
+    """One read's ADC of §4 as an affine map of its code k: Q(x) = offset + step·k.
+    `code(x, noisy)`: at σ > 0 (noisy) the value is multiplied by 1/step rounded once, a
+    noise-free value is divided by step (§4, "ADC codes")."""
+
+    def __init__(self, mode, adc_bits, values=None, full_scale=None):
+        self.top = float(2 ** adc_bits - 1)
+        self.mode = mode
+        if mode == "dynamic":
+            lo, hi = float(values.min()), float(values.max())
+            self.identity = hi - lo == 0.0
+            self.offset = 0.0 if self.identity else lo
+            self.step = 1.0 if self.identity else (hi - lo) / float(2 ** adc_bits)
+        elif mode in ("fixed", "calibrated"):
+            self.identity = False
+            self.offset, self.step = 0.0, full_scale / self.top
+        else:
+            self.identity, self.offset, self.step = True, 0.0, 1.0
+        self.inverse = 1.0 / self.step
+
+    def code(self, x, noisy):
+        if self.identity:
+            return x
+        if self.mode == "dynamic":
+            scaled = (x - self.offset) * self.inverse if noisy else (x - self.offset) / self.step
+            return np.clip(np.floor(scaled), 0.0, self.top)
+        scaled = x * self.inverse if noisy else x / self.step
+        return np.clip(np.rint(scaled), 0.0, self.top)
+
+    def level(self, code):
+        return self.offset + self.step * code
+
+    def spread(self, x, error):
+        """How far this read's contribution Q(x)/gain-weight can move when x, and the values that
+        set a `dynamic` range, move by up to `error`: whole codes that may flip, and for `dynamic`
+        the shift of its offset and step."""
+        if self.identity:
+            return error
+        if self.mode != "dynamic":
+            return self.step * (self.code(x + error, True) - self.code(x - error, True))
+        largest = float(np.max(error))
+        # The range's ends move by up to `largest`: its offset by as much, its step by 2/2^N of it.
+        delta = 2 * largest / (self.top + 1)
+        ends = [np.clip(np.floor((x + moved - self.offset - shift) / step), 0.0, self.top)
+                for moved in (-error, error) for shift in (-largest, largest)
+                for step in (self.step - delta, self.step + delta)]
+        codes = np.max(ends, axis=0) - np.min(ends, axis=0)
+        return self.step * codes + largest + delta * self.top
+
+
+def cim_layer_forward(weight, bias, a_max, x, sigma, weight_z=None, reference_z=None,
+                      weight_bits=8, cell_bits=4, input_bits=8, rows=128, onoff=10.0,
+                      mapping="kernel", adc="dynamic", adc_bits=10, full_scale=None,
+                      clamp_at_zero=False, neurosim_scale=False, stride=1, pad=0,
+                      partial_sum_error=0.0):
+    """y[n, o, oh, ow] (float32) of one CIM conv layer (an FC layer: kernel 1×1 on a 1×1 map) on
+    one evaluation batch `x` [n, Cin, H, W], weights [Cout, Cin, kh, kw] with `maxabs` scaling.
+
+    `weight_z` [draws, Cout, K, nc] and `reference_z` [draws, K, nc] (float32) are the z of §2 of
+    every weight cell (o, k, slice m) and reference cell (k, m): draws = 1 for a `device` chip,
+    `input_bits` for a `cycle` chip (draw t is the one of the reads of input bit t in this batch).
+    `reference_z=None`: the reference column does not vary (no `--reference-variation`).
+    `adc`: ideal, fixed, calibrated (over `full_scale`, see `calibrated_full_scale`) or dynamic.
+    Returns (y, clamped): clamped = how many weight and reference conductances `clamp_at_zero`
+    set to 0 (at σ > 0 a check that the case clamps at all).
+
+    `partial_sum_error` > 0 is for an executor that sums a read's partial sums in another order
+    (a `cycle` chip's GEMM, §4): each of its float32 sums may then differ from this one by up to
+    `partial_sum_error`·Σ|g̃·b|, and (y, clamped, slack, possible_flips) comes back,
+    slack[n, o, oh, ow] the furthest its y can be from this y: every code that such a change could
+    move (and, for `dynamic`, the change of the read's range) counted at its full weight;
+    possible_flips: how many ADC conversions such a change could move by a code (for `dynamic`
+    with the read's range held)."""
+    inv_onoff = 0.0 if math.isinf(onoff) else 1.0 / onoff
+    cells, top_cell = weight_bits // cell_bits, 2 ** cell_bits - 1
+    kernel_h, kernel_w = weight.shape[2], weight.shape[3]
+    weight_scale, levels = _weight_levels(weight, weight_bits)
+    columns, (n, oh, ow) = _input_columns(x, a_max, input_bits, kernel_h, kernel_w, stride, pad)
+    outs = levels.shape[0]
+
+    def programmed(g, z):  # §2: g̃ = g·(1 + σz) in float64, clamped if asked, stored as float32
+        varied = g * (1.0 + sigma * z.astype(np.float64)) if sigma > 0 else g
+        clamped = clamp_at_zero and sigma > 0
+        return (np.where(varied < 0.0, 0.0, varied) if clamped else varied).astype(np.float32), \
+            int(np.count_nonzero(varied < 0.0)) if clamped else 0
+
+    slices = np.stack([(levels >> (cell_bits * m)) & top_cell for m in range(cells)], axis=-1)
+    g = (1.0 - inv_onoff) * slices.astype(np.float64) + top_cell * inv_onoff  # [o, k, m]
+    g_ref = top_cell * (1.0 + inv_onoff) / 2
+    draws = 1 if weight_z is None else weight_z.shape[0]
+    chips, clamped = [], 0
+    for draw in range(draws):  # [k, o, m] and [k, m] per draw
+        weights, count = programmed(g, weight_z[draw] if sigma > 0 else None)
+        reference = None
+        if reference_z is not None and sigma > 0:
+            reference, ref_count = programmed(np.full(reference_z.shape[1:], g_ref),
+                                              reference_z[draw])
+            count += ref_count
+        chips.append((weights.transpose(1, 0, 2), reference))
+        clamped += count
+
+    gain = 2.0 / (1.0 - inv_onoff)
+    noisy = sigma > 0
+    codes = np.zeros((columns.shape[0], outs))
+    common = np.zeros(columns.shape[0])
+    slack = np.zeros((columns.shape[0], outs))  # with partial_sum_error: how far `total` may move
+    possible_flips = 0  # conversions whose code such an error could change
+    for rows_of_subarray in subarray_rows(weight.shape[1], kernel_h, kernel_w, rows, mapping):
+        for t in range(input_bits):
+            weights, reference = chips[t if draws > 1 else 0]
+            bits = ((columns[:, rows_of_subarray] >> t) & 1).astype(bool)
+            pref_error = np.zeros(columns.shape[0])
+            if reference is None:  # the noise-free reference: g_ref·Σb, exact
+                pref = g_ref * _lookup_sum(np.ones(len(rows_of_subarray), np.float32),
+                                           bits).astype(np.float64)
+            for m in range(cells):
+                if not noisy:  # §7: exact from the integer counts
+                    p = ((1.0 - inv_onoff) * (bits.astype(np.int64) @ slices[:, rows_of_subarray,
+                                                                              m].T) +
+                         top_cell * inv_onoff * bits.sum(axis=1, keepdims=True))
+                else:
+                    p = _lookup_sum(weights[rows_of_subarray, :, m], bits).astype(np.float64)
+                if reference is not None:
+                    pref = _lookup_sum(reference[rows_of_subarray, m], bits).astype(np.float64)
+                p_error = np.zeros_like(p)
+                if partial_sum_error and noisy:
+                    p_error = partial_sum_error * (bits.astype(np.float64) @ np.abs(
+                        weights[rows_of_subarray, :, m].astype(np.float64)))
+                    if reference is not None:
+                        pref_error = partial_sum_error * (bits.astype(np.float64) @ np.abs(
+                            reference[rows_of_subarray, m].astype(np.float64)))
+                scale_full = (len(rows_of_subarray) * float(top_cell) if adc == "fixed"
+                              else full_scale)
+                weight_adc = _Adc(adc, adc_bits, p, scale_full)
+                reference_adc = _Adc(adc, adc_bits, pref, scale_full)
+                w = gain * 2.0 ** (t + cell_bits * m)
+                reference_code = reference_adc.code(pref, noisy and reference is not None)
+                common = common + w * (weight_adc.offset - reference_adc.level(reference_code))
+                weight_code = weight_adc.code(p, noisy)
+                codes = codes + (w * weight_adc.step) * weight_code
+                if partial_sum_error and noisy:
+                    spread, reference_spread = (weight_adc.spread(p, p_error),
+                                                reference_adc.spread(pref, pref_error))
+                    slack += w * (spread + reference_spread[:, None])
+                    if not weight_adc.identity:
+                        possible_flips += int(np.count_nonzero(
+                            weight_adc.code(p + p_error, True) != weight_adc.code(p - p_error, True)))
+                    if not reference_adc.identity and reference is not None:
+                        possible_flips += int(np.count_nonzero(
+                            reference_adc.code(pref + pref_error, True) !=
+                            reference_adc.code(pref - pref_error, True)))
+    denominator = (2.0 ** weight_bits * 2.0 ** input_bits if neurosim_scale
+                   else float(2 ** weight_bits - 1) * float(2 ** input_bits - 1))
+    output_scale = weight_scale * float(np.float32(a_max)) / denominator
+    total = codes + common[:, None]
+    y = output_scale * total
+    if bias is not None:
+        y = y + np.asarray(bias, dtype=np.float32).astype(np.float64)
+    y32 = y.astype(np.float32)
+    # The float32 rounding of y may go either way once `total` moves at all.
+    slack_y = np.where(slack > 0, output_scale * slack + np.spacing(np.abs(y32)).astype(np.float64),
+                       0.0)
+
+    def as_planes(values):  # [positions, outs] → [n, outs, oh, ow]
+        return values.reshape(n, oh, ow, outs).transpose(0, 3, 1, 2)
+
+    if partial_sum_error:
+        return as_planes(y32), clamped, as_planes(slack_y), possible_flips
+    return as_planes(y32), clamped
+
+
+def calibrated_full_scale(weight, a_max, x, weight_bits=8, cell_bits=4, input_bits=8, rows=128,
+                          onoff=10.0, mapping="kernel", stride=1, pad=0):
+    """ADC `calibrated`'s full scale (§4): the largest partial sum, weight or reference column,
+    of any read of the layer over the batch `x` on a noise-free chip (exact, §7)."""
+    inv_onoff = 0.0 if math.isinf(onoff) else 1.0 / onoff
+    top_cell = 2 ** cell_bits - 1
+    _, levels = _weight_levels(weight, weight_bits)
+    columns, _ = _input_columns(x, a_max, input_bits, weight.shape[2], weight.shape[3], stride,
+                                pad)
+    largest = 0.0
+    for rows_of_subarray in subarray_rows(weight.shape[1], weight.shape[2], weight.shape[3], rows,
+                                          mapping):
+        for t in range(input_bits):
+            bits = (columns[:, rows_of_subarray] >> t) & 1
+            count = bits.sum(axis=1, keepdims=True).astype(np.float64)
+            largest = max(largest, float((top_cell * (1.0 + inv_onoff) / 2 * count).max()))
+            for m in range(weight_bits // cell_bits):
+                cells = (levels[:, rows_of_subarray] >> (cell_bits * m)) & top_cell
+                p = (1.0 - inv_onoff) * (bits @ cells.T).astype(np.float64) + \
+                    top_cell * inv_onoff * count
+                largest = max(largest, float(p.max()))
+    return largest
