@@ -208,6 +208,10 @@ class CimReference : public ::testing::Test {
   }
 
   size_t outputs() const { return size_t(kBatch) * kOut * kHeight * kWidth; }
+  // The reference's y of case `name`, written by run_reference.
+  std::vector<float> reference_output(const std::string& name) const {
+    return read_raw<float>(dir_.file(name + ".reference.f32"), outputs());
+  }
 
   TempDir dir_;
   std::vector<float> weight_, bias_, input_;
@@ -259,8 +263,7 @@ TEST_F(CimReference, DeviceChipsMatchThePythonReferenceBitForBit) {
   for (const Case& c : cases) {
     SCOPED_TRACE(c.name);
     const std::vector<float> y = backend_output(c, c.sigma);
-    const std::vector<float> reference =
-        read_raw<float>(dir_.file(c.name + ".reference.f32"), outputs());
+    const std::vector<float> reference = reference_output(c.name);
     size_t differing = 0, nonzero = 0;
     for (size_t i = 0; i < y.size(); ++i) {
       if (y[i] != reference[i] && ++differing <= 3)
@@ -302,8 +305,7 @@ TEST_F(CimReference, DeviceChipsMatchThePythonReferenceBitForBit) {
 TEST_F(CimReference, DigitalLayersRunTheQuantisedLayerExactlyAndOnlyThose) {
   const Case digital{"digital_reference", AdcMode::kIdeal, VariationMode::kDevice, 0.0};
   run_reference({digital});
-  const std::vector<float> reference =
-      read_raw<float>(dir_.file(digital.name + ".reference.f32"), outputs());
+  const std::vector<float> reference = reference_output(digital.name);
   CimLayerSpec other = spec_;
   other.name = "other";
   Case noisy{"noisy", AdcMode::kDynamic, VariationMode::kDevice, 0.3};
@@ -346,8 +348,7 @@ TEST_F(CimReference, CycleChipsMatchThePythonReferenceUpToCountedFlips) {
   for (const Case& c : cases) {
     SCOPED_TRACE(c.name);
     const std::vector<float> y = backend_output(c, c.sigma);
-    const std::vector<float> reference =
-        read_raw<float>(dir_.file(c.name + ".reference.f32"), outputs());
+    const std::vector<float> reference = reference_output(c.name);
     const std::vector<double> slack = read_raw<double>(dir_.file(c.name + ".slack.f64"), outputs());
     size_t differing = 0, outside = 0, nonzero = 0;
     double worst = 0;  // the largest |difference| / slack
