@@ -25,9 +25,9 @@
 #include "cuda/cim_ops.h"
 #include "cuda/cim_reference.h"
 #include "host/backends.h"
-#include "host/cim_cpu.h"
-#include "host/errors.h"
-#include "host/model_file.h"
+#include "host/cpu/cim_cpu.h"
+#include "common/errors.h"
+#include "host/io/model_file.h"
 #include "tests/test_util.h"
 
 #if defined(CIMSWEEP_HAVE_CUDA)
