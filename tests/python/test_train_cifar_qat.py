@@ -88,15 +88,20 @@ def read_model(path):
     return header, blob[8 + length:], metadata
 
 
-def check_quantisers_match_reference(generator):
-    torch.manual_seed(SEED)
-    model = cim_reference.ResNetCifar(8, 3, 8, in_channels=3, num_classes=4, exits=[1])
-    for module in model.modules():  # non-trivial BN statistics, as after training
+def randomise_batch_norm(model):
+    """Non-trivial BN statistics and affine parameters, as after training."""
+    for module in model.modules():
         if isinstance(module, torch.nn.BatchNorm2d):
             module.running_mean.uniform_(-0.2, 0.2)
             module.running_var.uniform_(0.5, 2.0)
             module.weight.data.uniform_(0.5, 1.5)
             module.bias.data.uniform_(-0.2, 0.3)
+
+
+def check_quantisers_match_reference(generator):
+    torch.manual_seed(SEED)
+    model = cim_reference.ResNetCifar(8, 3, 8, in_channels=3, num_classes=4, exits=[1])
+    randomise_batch_norm(model)
     images = torch.from_numpy(generator.integers(0, 256, size=(33, 3, 32, 32), dtype=np.uint8))
     # Ranges that float32 holds exactly: the reference reads them as float32 (as cimsweep does),
     # the trainer's quantisers as Python floats.
@@ -127,12 +132,7 @@ def check_quantisers_match_reference(generator):
 def check_reference_is_cimsweep_bit_for_bit(binary, work, data):
     torch.manual_seed(SEED + 1)
     model = cim_reference.ResNetCifar(8, 3, 8, in_channels=3, num_classes=4, exits=[1]).eval()
-    for module in model.modules():  # non-trivial BN statistics, as after training
-        if isinstance(module, torch.nn.BatchNorm2d):
-            module.running_mean.uniform_(-0.2, 0.2)
-            module.running_var.uniform_(0.5, 2.0)
-            module.weight.data.uniform_(0.5, 1.5)
-            module.bias.data.uniform_(-0.2, 0.3)
+    randomise_batch_norm(model)
     images, labels, classes, names = train_cifar_qat.load_image_folder(data, "test",
                                                                        with_names=True)
     # Ranges from a percentile are no float32 values: the reference must round them as cimsweep.
