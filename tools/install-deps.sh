@@ -11,6 +11,7 @@ packages=(
   librandom123-dev                                       # Philox noise streams
   libopenblas-dev                                        # GEMMs of the CPU backend (+ OpenMP via gcc)
   libdnnl-dev                                            # oneDNN: the training engine's convolutions
+  ocl-icd-opencl-dev                                     # Debian's oneDNN CMake config requires OpenCL
   libgtest-dev libgmock-dev                              # tests
   dataset-fashion-mnist                                  # the default data set
 )
