@@ -491,17 +491,23 @@ TEST_F(TrainCuda, ComposedBlockGradientsMatchCpu) {
   expect_close(o.download(dx1_d).data, dx1.data, 1e-3, 1e-5, "input gradient");
 }
 
-// ‖a − b‖₂ ≤ tol·‖b‖₂ (+ a tiny floor): for whole gradients, where QAT may flip an input level
-// on a rounding tie somewhere without changing the gradient as a whole.
-void expect_norm_close(const std::vector<float>& a, const std::vector<float>& b, double tol,
-                       const std::string& what) {
-  ASSERT_EQ(a.size(), b.size()) << what;
+// ‖a − b‖₂ / ‖b‖₂ (a tiny floor keeps zero tensors finite).
+double relative_distance(const std::vector<float>& a, const std::vector<float>& b) {
   double diff = 0, norm = 0;
-  for (size_t i = 0; i < a.size(); ++i) {
+  for (size_t i = 0; i < a.size() && i < b.size(); ++i) {
     diff += (double(a[i]) - b[i]) * (double(a[i]) - b[i]);
     norm += double(b[i]) * b[i];
   }
-  EXPECT_LE(std::sqrt(diff), tol * std::sqrt(norm) + 1e-7) << what;
+  return std::sqrt(diff) / (std::sqrt(norm) + 1e-7);
+}
+
+// ‖a − b‖₂ ≤ (tol + slack)·‖b‖₂ (+ a tiny floor): for whole tensors. slack is how far the CPU
+// engine moves from itself when the network is nudged (see WholeNetworkStepMatchesCpu).
+void expect_norm_close(const std::vector<float>& a, const std::vector<float>& b, double tol,
+                       const std::string& what, double slack = 0) {
+  ASSERT_EQ(a.size(), b.size()) << what;
+  EXPECT_LE(relative_distance(a, b), tol + slack) << what << " (tolerance " << tol
+                                                   << " + the CPU's own spread " << slack << ")";
 }
 
 ResNetArch tiny_arch(char shortcut, const std::string& padding, const std::string& head) {
@@ -535,24 +541,49 @@ TEST_F(TrainCuda, WholeNetworkStepMatchesCpu) {
   const NetworkCase cases[] = {
       {'A', "split", "conv", false, WeightScaling::kMaxAbs, false, false},
       {'A', "split", "conv", true, WeightScaling::kMaxAbs, false, false},
+      // One new feature per case, then all together: a failure names what it comes from.
+      {'A', "after", "conv", true, WeightScaling::kMaxAbs, false, false},
+      {'A', "split", "pool", true, WeightScaling::kMaxAbs, false, false},
+      {'A', "split", "conv", true, WeightScaling::kWage, false, false},
+      {'A', "split", "conv", true, WeightScaling::kMaxAbs, true, false},
       {'A', "after", "pool", true, WeightScaling::kWage, true, false},
       {'B', "split", "conv", true, WeightScaling::kMaxAbs, true, false},
       {'A', "split", "conv", true, WeightScaling::kMaxAbs, false, true},
   };
   for (const NetworkCase& nc : cases) {
     SCOPED_TRACE(std::string("shortcut ") + nc.shortcut + " " + nc.padding + " head " + nc.head +
-                 (nc.quant ? " QAT" : " float") + (nc.pact ? " PACT" : "") +
-                 (nc.frozen ? " frozen" : ""));
+                 (nc.quant ? " QAT" : " float") +
+                 (nc.quant && nc.scaling == WeightScaling::kWage ? " WAGE" : "") +
+                 (nc.pact ? " PACT" : "") + (nc.frozen ? " frozen" : ""));
     std::mt19937 rng(cimsweep::testing::test_seed(10));
     const ResNetArch arch = tiny_arch(nc.shortcut, nc.padding, nc.head);
-    TrainableResNet cpu(arch), gpu_host(arch);
-    cpu.initialise(7);
-    gpu_host.initialise(7);
-    for (TrainableResNet* net : {&cpu, &gpu_host}) {
+    // A QAT network is not a continuous function of its float sums: an activation on a level or
+    // clipping boundary that rounds the other way moves batch-norm and PACT range gradients of
+    // this small network by 10-100 % (measured on the CPU engine alone, every batch-norm scale
+    // times 1 ± 1e-5: the whole gradient moved 35-40 % at seeds 10-14, fc weights 1e-5). So two
+    // nudged copies of the CPU network run beside it, and each tensor may differ from the CPU's
+    // by its tolerance plus 4x the larger nudged copy's distance: well-conditioned tensors are
+    // held to float accuracy, a tensor the CPU itself cannot reproduce is held to what it can.
+    TrainableResNet cpu(arch), gpu_host(arch), nudged_up(arch), nudged_down(arch);
+    for (TrainableResNet* net : {&cpu, &gpu_host, &nudged_up, &nudged_down}) {
+      net->initialise(7);
       for (const std::string& layer : net->cim_layer_names())
         net->set_input_range(layer, layer == "conv1" ? 1.0f : 1.5f);
       net->set_ranges_trainable(nc.pact);
     }
+    for (auto [net, factor] : {std::pair<TrainableResNet*, float>{&nudged_up, 1.0f + 1e-5f},
+                               std::pair<TrainableResNet*, float>{&nudged_down, 1.0f - 1e-5f}})
+      for (Parameter& p : net->parameters())
+        if (p.name.find("bn") != std::string::npos && p.name.find(".weight") != std::string::npos)
+          for (float& v : p.value) v *= factor;
+    const auto spread = [&](auto field, size_t i) {
+      return 4.0 * std::max(relative_distance(field(nudged_up.parameters()[i]),
+                                              field(cpu.parameters()[i])),
+                            relative_distance(field(nudged_down.parameters()[i]),
+                                              field(cpu.parameters()[i])));
+    };
+    const auto grad_of = [](const Parameter& p) -> const std::vector<float>& { return p.grad; };
+    const auto value_of = [](const Parameter& p) -> const std::vector<float>& { return p.value; };
     gpu::CudaResNet gpu_net(gpu_host, *ops_);
     const int n = 5;
     std::uniform_real_distribution<float> u(0.0f, 1.0f);
@@ -569,6 +600,12 @@ TEST_F(TrainCuda, WholeNetworkStepMatchesCpu) {
       for (float& v : images) v = u(rng);
       for (int32_t& l : labels) l = int32_t(rng() % 10u);
       const std::vector<FeatureMap> logits = cpu.forward(images.data(), n, o);
+      for (TrainableResNet* net : {&nudged_up, &nudged_down}) {
+        std::vector<FeatureMap> z = net->forward(images.data(), n, o), dz(z.size());
+        for (size_t e = 0; e < z.size(); ++e)
+          softmax_cross_entropy(z[e], labels.data(), exit_weights[e], dz[e], nullptr);
+        net->backward(dz);
+      }
       const std::vector<gpu::DeviceMap> logits_d = gpu_net.forward(images.data(), n, o);
       ASSERT_EQ(logits_d.size(), logits.size());
       DeviceVector<int32_t> labels_d(labels);
@@ -589,20 +626,27 @@ TEST_F(TrainCuda, WholeNetworkStepMatchesCpu) {
       for (size_t i = 0; i < cpu.parameters().size(); ++i) {
         const Parameter& a = gpu_host.parameters()[i];
         const Parameter& b = cpu.parameters()[i];
-        expect_norm_close(a.grad, b.grad, nc.quant ? 5e-2 : 1e-3, "gradient of " + b.name);
+        expect_norm_close(a.grad, b.grad, nc.quant ? 5e-2 : 1e-3, "gradient of " + b.name,
+                          spread(grad_of, i));
       }
       sgd_step(cpu.parameters(), sgd, 0.05);
+      sgd_step(nudged_up.parameters(), sgd, 0.05);
+      sgd_step(nudged_down.parameters(), sgd, 0.05);
       gpu_net.sgd_step(sgd, 0.05);
       gpu_net.download();
       for (size_t i = 0; i < cpu.parameters().size(); ++i) {
         const Parameter& a = gpu_host.parameters()[i];
         const Parameter& b = cpu.parameters()[i];
-        expect_norm_close(a.value, b.value, nc.quant ? 1e-2 : 1e-4, "value of " + b.name);
+        expect_norm_close(a.value, b.value, nc.quant ? 1e-2 : 1e-4, "value of " + b.name,
+                          spread(value_of, i));
       }
-      const auto ta = gpu_host.export_tensors(), tb = cpu.export_tensors();
+      const auto ta = gpu_host.export_tensors(), tb = cpu.export_tensors(),
+                 tu = nudged_up.export_tensors(), td = nudged_down.export_tensors();
       for (const auto& [name, t] : tb)
         if (name.find("running_") != std::string::npos)
-          expect_norm_close(ta.at(name).data, t.data, nc.quant ? 1e-2 : 1e-4, name);
+          expect_norm_close(ta.at(name).data, t.data, nc.quant ? 1e-2 : 1e-4, name,
+                            4.0 * std::max(relative_distance(tu.at(name).data, t.data),
+                                           relative_distance(td.at(name).data, t.data)));
     }
   }
 }
