@@ -43,13 +43,13 @@
 #include <CLI/CLI.hpp>
 #include <nlohmann/json.hpp>
 
-#include "host/backend.h"
-#include "host/cim_config.h"
-#include "host/cim_cpu.h"
-#include "host/errors.h"
-#include "host/model_file.h"
-#include "host/output_file.h"
-#include "host/results.h"
+#include "common/cim_backend.h"
+#include "common/cim_config.h"
+#include "host/cpu/cim_cpu.h"
+#include "common/errors.h"
+#include "host/io/model_file.h"
+#include "host/io/output_file.h"
+#include "host/results/results.h"
 #include "networks/resnet.h"
 #include "bench/random_resnet.h"
 
@@ -65,7 +65,7 @@ using cimsweep::bench::RandomModel;
 
 namespace {
 
-// The backend's fixed chunk of output positions per GEMM (kChunk in host/cim_cpu.cpp).
+// The backend's fixed chunk of output positions per GEMM (kChunk in host/cpu/cim_cpu.cpp).
 constexpr int kBackendChunk = 512;
 
 double seconds_since(Clock::time_point start) {

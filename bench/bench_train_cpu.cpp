@@ -37,9 +37,9 @@
 #include <nlohmann/json.hpp>
 #include <optional>
 
-#include "host/cim_cpu.h"
-#include "host/output_file.h"
-#include "host/results.h"
+#include "host/cpu/cim_cpu.h"
+#include "host/io/output_file.h"
+#include "host/results/results.h"
 #include "networks/resnet.h"
 #include "train/layers.h"
 #include "train/network.h"

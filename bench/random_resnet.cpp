@@ -7,7 +7,7 @@
 #include <map>
 #include <random>
 
-#include "host/tensor.h"
+#include "common/tensor.h"
 #include "networks/resnet.h"
 
 namespace cimsweep::bench {

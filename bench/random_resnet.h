@@ -6,7 +6,7 @@
 #include <string>
 #include <vector>
 
-#include "host/model_file.h"
+#include "host/io/model_file.h"
 #include "networks/resnet.h"
 
 namespace cimsweep::bench {

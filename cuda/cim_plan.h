@@ -5,8 +5,8 @@
 #include <cstdint>
 
 #include "cuda/cim_ops.h"
-#include "host/cim_config.h"
-#include "host/cim_cpu.h"
+#include "common/cim_config.h"
+#include "host/cpu/cim_cpu.h"
 
 namespace cimsweep::cimops {
 

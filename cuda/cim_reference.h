@@ -8,8 +8,8 @@
 #include <vector>
 
 #include "cuda/cim_ops.h"
-#include "host/cim_config.h"
-#include "host/cim_cpu.h"
+#include "common/cim_config.h"
+#include "host/cpu/cim_cpu.h"
 
 namespace cimsweep::cimref {
 

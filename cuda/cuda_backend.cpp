@@ -21,7 +21,7 @@
 #include "cuda/program_subarray.cuh"
 #include "cuda/quantise_im2col.cuh"
 #include "cuda/scale_output.cuh"
-#include "host/errors.h"
+#include "common/errors.h"
 
 #define CIM_CUBLAS_CHECK(call)                                                                   \
   do {                                                                                           \

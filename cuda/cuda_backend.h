@@ -15,9 +15,9 @@
 #include <string>
 #include <vector>
 
-#include "host/backend.h"
-#include "host/cim_config.h"
-#include "host/cim_cpu.h"
+#include "common/cim_backend.h"
+#include "common/cim_config.h"
+#include "host/cpu/cim_cpu.h"
 
 namespace cimsweep {
 

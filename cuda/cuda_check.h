@@ -11,7 +11,7 @@
 #include <utility>
 #include <vector>
 
-#include "host/errors.h"
+#include "common/errors.h"
 
 namespace cimsweep::cuda {
 

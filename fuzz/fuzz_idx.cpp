@@ -8,8 +8,8 @@
 #include <cstdint>
 
 #include "fuzz/scratch_dir.h"
-#include "host/dataset.h"
-#include "host/errors.h"
+#include "host/io/dataset.h"
+#include "common/errors.h"
 
 extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
   if (size < 2) return -1;  // not a well-formed input: keep it out of the corpus

@@ -6,8 +6,8 @@
 #include <cstdint>
 
 #include "fuzz/scratch_dir.h"
-#include "host/dataset.h"
-#include "host/errors.h"
+#include "host/io/dataset.h"
+#include "common/errors.h"
 
 extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
   using cimsweep::fuzz::write_scratch_file;

@@ -6,10 +6,10 @@
 #include <cstdint>
 
 #include "fuzz/scratch_dir.h"
-#include "host/cim_config.h"
-#include "host/cim_cpu.h"
-#include "host/errors.h"
-#include "host/model_file.h"
+#include "common/cim_config.h"
+#include "host/cpu/cim_cpu.h"
+#include "common/errors.h"
+#include "host/io/model_file.h"
 
 extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
   const std::string path = cimsweep::fuzz::write_scratch_file("model.safetensors", data, size);

@@ -8,8 +8,8 @@
 #include <nlohmann/json.hpp>
 
 #include "fuzz/scratch_dir.h"
-#include "host/errors.h"
-#include "host/results.h"
+#include "common/errors.h"
+#include "host/results/results.h"
 
 extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
   const std::string path = cimsweep::fuzz::write_scratch_file("results.jsonl", data, size);

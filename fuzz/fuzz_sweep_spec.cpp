@@ -4,8 +4,8 @@
 #include <cstdint>
 
 #include "fuzz/scratch_dir.h"
-#include "host/errors.h"
-#include "host/sweep_spec.h"
+#include "common/errors.h"
+#include "host/sweep/sweep_spec.h"
 
 extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
   const std::string path = cimsweep::fuzz::write_scratch_file("sweep.toml", data, size);

@@ -1,7 +1,7 @@
 #include "host/backends.h"
 
-#include "host/cim_cpu.h"
-#include "host/errors.h"
+#include "host/cpu/cim_cpu.h"
+#include "common/errors.h"
 
 #if defined(CIMSWEEP_HAVE_CUDA)
 #include "cuda/cuda_backend.h"

@@ -4,8 +4,8 @@
 #include <string>
 #include <vector>
 
-#include "host/backend.h"
-#include "host/cim_config.h"
+#include "common/cim_backend.h"
+#include "common/cim_config.h"
 
 namespace cimsweep {
 

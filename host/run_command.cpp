@@ -10,7 +10,7 @@
 #include <filesystem>
 #include <sstream>
 
-#include "host/errors.h"
+#include "common/errors.h"
 
 namespace cimsweep {
 namespace fs = std::filesystem;
@@ -24,6 +24,24 @@ bool is_runnable(const std::string& program) {
     if (::access(candidate.c_str(), X_OK) == 0 && fs::is_regular_file(candidate)) return true;
   }
   return false;
+}
+
+std::string shell_quote(const std::string& text) {
+  static const std::string plain =
+      "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789_./:=,+@%-";
+  if (!text.empty() && text.find_first_not_of(plain) == std::string::npos) return text;
+  std::string quoted = "'";
+  for (char c : text) quoted += c == '\'' ? std::string("'\\''") : std::string(1, c);
+  return quoted + "'";
+}
+
+std::string shell_command_line(int argc, char** argv) {
+  std::string line;
+  for (int i = 0; i < argc; ++i) {
+    const std::string arg = i == 0 ? fs::path(argv[i]).filename().string() : argv[i];
+    line += (i ? " " : "") + shell_quote(arg);
+  }
+  return line;
 }
 
 CommandOutput run_command(const std::vector<std::string>& argv) {

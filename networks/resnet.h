@@ -11,8 +11,8 @@
 
 #include <nlohmann/json.hpp>
 
-#include "host/backend.h"
-#include "host/tensor.h"
+#include "common/cim_backend.h"
+#include "common/tensor.h"
 
 namespace cimsweep {
 

@@ -30,9 +30,9 @@
 #include "cuda/cim_plan.h"
 #include "cuda/cim_reference.h"
 #include "host/backends.h"
-#include "host/cim_cpu.h"
-#include "host/errors.h"
-#include "host/model_file.h"
+#include "common/errors.h"
+#include "host/cpu/cim_cpu.h"
+#include "host/io/model_file.h"
 #include "kernels/lookup_read.h"
 #include "tests/test_util.h"
 

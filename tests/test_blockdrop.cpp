@@ -14,10 +14,10 @@
 #include <vector>
 
 #include "host/backends.h"
-#include "host/blockdrop_eval.h"
-#include "host/errors.h"
-#include "host/model_file.h"
-#include "host/safetensors.h"
+#include "host/policies/blockdrop_eval.h"
+#include "common/errors.h"
+#include "host/io/model_file.h"
+#include "host/io/safetensors.h"
 #include "tests/test_util.h"
 #include "tests/train_test_data.h"
 #include "train/blockdrop.h"

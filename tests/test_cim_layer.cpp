@@ -14,7 +14,7 @@
 #include <vector>
 
 #include "bench/random_resnet.h"
-#include "host/cim_cpu.h"
+#include "host/cpu/cim_cpu.h"
 #include "kernels/cim_math.h"
 #include "kernels/lookup_read.h"
 #include "kernels/noise.h"

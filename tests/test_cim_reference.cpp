@@ -22,8 +22,8 @@
 
 #include <nlohmann/json.hpp>
 
-#include "host/cim_cpu.h"
-#include "host/model_file.h"
+#include "host/cpu/cim_cpu.h"
+#include "host/io/model_file.h"
 #include "kernels/noise.h"
 #include "test_util.h"
 

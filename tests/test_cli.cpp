@@ -16,7 +16,7 @@
 
 #include <nlohmann/json.hpp>
 
-#include "host/safetensors.h"
+#include "host/io/safetensors.h"
 #include "tests/test_util.h"
 
 namespace {

@@ -11,8 +11,8 @@
 
 #include <nlohmann/json.hpp>
 
-#include "host/results.h"
-#include "host/safetensors.h"
+#include "host/results/results.h"
+#include "host/io/safetensors.h"
 #include "tests/test_util.h"
 
 namespace {

@@ -1,7 +1,7 @@
 // Data set readers: every format is written here from random pixels, read back and compared
 // exactly (JPEG, being lossy, only for shape); every user mistake must give a one-line UserError
 // naming the path.
-#include "host/dataset.h"
+#include "host/io/dataset.h"
 
 #include <gtest/gtest.h>
 #include <stb/stb_image_write.h>
@@ -18,7 +18,7 @@
 #include <string>
 #include <vector>
 
-#include "host/errors.h"
+#include "common/errors.h"
 #include "tests/test_util.h"
 
 namespace cimsweep {

@@ -16,9 +16,9 @@
 
 #include <nlohmann/json.hpp>
 
-#include "host/errors.h"
-#include "host/exit_policy.h"
-#include "host/model_file.h"
+#include "common/errors.h"
+#include "host/policies/exit_policy.h"
+#include "host/io/model_file.h"
 #include "tests/test_util.h"
 
 namespace {

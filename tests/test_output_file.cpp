@@ -18,9 +18,9 @@
 #include <thread>
 #include <vector>
 
-#include "host/errors.h"
-#include "host/output_file.h"
-#include "host/results.h"
+#include "common/errors.h"
+#include "host/io/output_file.h"
+#include "host/results/results.h"
 #include "tests/test_util.h"
 
 namespace cimsweep {

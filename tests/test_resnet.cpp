@@ -13,10 +13,10 @@
 
 #include <nlohmann/json.hpp>
 
-#include "host/cim_cpu.h"
-#include "host/errors.h"
-#include "host/model_file.h"
-#include "host/safetensors.h"
+#include "host/cpu/cim_cpu.h"
+#include "common/errors.h"
+#include "host/io/model_file.h"
+#include "host/io/safetensors.h"
 #include "tests/test_util.h"
 
 namespace {

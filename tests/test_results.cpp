@@ -15,9 +15,9 @@
 #include <gtest/gtest.h>
 #include <nlohmann/json.hpp>
 
-#include "host/errors.h"
-#include "host/results.h"
-#include "host/stats.h"
+#include "common/errors.h"
+#include "host/results/results.h"
+#include "host/results/stats.h"
 #include "tests/test_util.h"
 
 namespace cimsweep {

@@ -1,4 +1,4 @@
-#include "host/safetensors.h"
+#include "host/io/safetensors.h"
 
 #include <gtest/gtest.h>
 
@@ -17,7 +17,7 @@
 
 #include <nlohmann/json.hpp>
 
-#include "host/errors.h"
+#include "common/errors.h"
 #include "tests/test_util.h"
 
 namespace cimsweep {

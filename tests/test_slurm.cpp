@@ -1,7 +1,7 @@
 // `cimsweep slurm`: the job-array and merge scripts it writes (run here with stand-in programs to
 // see the exact command each array task would execute), --only-tasks, sbatch job-id parsing and
 // submission through a fake sbatch, and one clear error per mistake. No Slurm needed.
-#include "host/slurm.h"
+#include "host/sweep/slurm.h"
 
 #include <gtest/gtest.h>
 #include <sys/stat.h>
@@ -12,7 +12,7 @@
 #include <string>
 #include <vector>
 
-#include "host/errors.h"
+#include "common/errors.h"
 #include "tests/test_util.h"
 
 namespace {

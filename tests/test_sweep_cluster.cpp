@@ -23,10 +23,10 @@
 
 #include <nlohmann/json.hpp>
 
-#include "host/errors.h"
-#include "host/results.h"
-#include "host/sweep.h"
-#include "host/sweep_spec.h"
+#include "common/errors.h"
+#include "host/results/results.h"
+#include "host/sweep/runner.h"
+#include "host/sweep/sweep_spec.h"
 #include "tests/test_util.h"
 
 extern char** environ;

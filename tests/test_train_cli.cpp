@@ -9,7 +9,7 @@
 
 #include <nlohmann/json.hpp>
 
-#include "host/safetensors.h"
+#include "host/io/safetensors.h"
 #include "tests/test_util.h"
 #include "tests/train_test_data.h"
 

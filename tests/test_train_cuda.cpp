@@ -10,7 +10,7 @@
 #include <string>
 #include <vector>
 
-#include "host/errors.h"
+#include "common/errors.h"
 #include "tests/test_util.h"
 #include "train/layers.h"
 #include "train/network.h"

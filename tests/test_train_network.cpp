@@ -11,7 +11,7 @@
 #include <random>
 #include <vector>
 
-#include "host/cim_cpu.h"
+#include "host/cpu/cim_cpu.h"
 #include "kernels/noise.h"
 #include "networks/resnet.h"
 #include "tests/test_util.h"

@@ -11,9 +11,9 @@
 #include <string>
 #include <vector>
 
-#include "host/errors.h"
-#include "host/evaluate.h"
-#include "host/model_file.h"
+#include "common/errors.h"
+#include "host/sweep/evaluate.h"
+#include "host/io/model_file.h"
 #include "tests/test_util.h"
 #include "tests/train_test_data.h"
 #include "train/layers.h"

@@ -11,7 +11,7 @@
 #include <sstream>
 #include <stdexcept>
 
-#include "host/errors.h"
+#include "common/errors.h"
 
 namespace cimsweep::testing {
 

@@ -6,7 +6,7 @@
 #include <random>
 #include <string>
 
-#include "host/dataset.h"
+#include "host/io/dataset.h"
 
 namespace cimsweep::testing {
 

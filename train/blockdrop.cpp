@@ -6,9 +6,9 @@
 #include <cstdio>
 #include <filesystem>
 
-#include "host/errors.h"
-#include "host/model_file.h"
-#include "host/safetensors.h"
+#include "common/errors.h"
+#include "host/io/model_file.h"
+#include "host/io/safetensors.h"
 #include "host/splitmix64.h"
 #include "train/layers.h"
 #include "train/trainer.h"

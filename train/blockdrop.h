@@ -23,10 +23,10 @@
 #include <nlohmann/json.hpp>
 
 #include "host/backends.h"
-#include "host/cim_config.h"
-#include "host/dataset.h"
-#include "host/model_file.h"
-#include "host/tensor.h"
+#include "common/cim_config.h"
+#include "host/io/dataset.h"
+#include "host/io/model_file.h"
+#include "common/tensor.h"
 #include "networks/resnet.h"
 #include "train/network.h"
 

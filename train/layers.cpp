@@ -1,6 +1,6 @@
 #include "train/layers.h"
 
-#include "host/errors.h"
+#include "common/errors.h"
 
 #include <cblas.h>
 #include <omp.h>

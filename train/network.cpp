@@ -6,7 +6,7 @@
 #include <cmath>
 #include <random>
 
-#include "host/errors.h"
+#include "common/errors.h"
 #include "kernels/noise.h"
 
 namespace cimsweep::train {

@@ -10,7 +10,7 @@
 #include <string>
 #include <vector>
 
-#include "host/tensor.h"
+#include "common/tensor.h"
 #include "networks/resnet.h"
 #include "train/layers.h"
 #include "train/quantise.h"

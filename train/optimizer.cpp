@@ -3,7 +3,7 @@
 #include <algorithm>
 #include <cmath>
 
-#include "host/errors.h"
+#include "common/errors.h"
 
 namespace cimsweep::train {
 

@@ -8,7 +8,7 @@
 namespace cimsweep::train {
 
 double wage_alpha(int fan_in, int weight_bits) {
-  // Must stay equal to host/cim_cpu.cpp's (WAGE, Wu et al. 2018, eqs. 7-8), which keeps it private.
+  // Must stay equal to host/cpu/cim_cpu.cpp's (WAGE, Wu et al. 2018, eqs. 7-8), which keeps it private.
   const double limit_std = std::sqrt(6.0 / fan_in);
   const double limit_min = 1.5 * std::ldexp(1.0, 1 - weight_bits);
   const double shifted = std::ldexp(1.0, int(std::lround(std::log2(limit_min / limit_std))));

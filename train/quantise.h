@@ -5,7 +5,7 @@
 #include <cstddef>
 #include <cstdint>
 
-#include "host/cim_config.h"
+#include "common/cim_config.h"
 
 namespace cimsweep::train {
 
@@ -16,7 +16,7 @@ struct QuantSettings {
   WeightScaling scaling = WeightScaling::kMaxAbs;
 };
 
-// WAGE's per-layer power-of-two scale α for a layer of `fan_in` rows (as host/cim_cpu.cpp).
+// WAGE's per-layer power-of-two scale α for a layer of `fan_in` rows (as host/cpu/cim_cpu.cpp).
 double wage_alpha(int fan_in, int weight_bits);
 
 // out[i] = the weight value the digital CIM layer multiplies with: with s = max|W| (maxabs) or

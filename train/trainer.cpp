@@ -12,11 +12,11 @@
 #include <random>
 #include <sstream>
 
-#include "host/cim_cpu.h"
-#include "host/errors.h"
-#include "host/model_file.h"
+#include "host/cpu/cim_cpu.h"
+#include "common/errors.h"
+#include "host/io/model_file.h"
 #include "host/progress.h"
-#include "host/safetensors.h"
+#include "host/io/safetensors.h"
 
 namespace cimsweep::train {
 namespace {

@@ -12,9 +12,9 @@
 
 #include <nlohmann/json.hpp>
 
-#include "host/cim_config.h"
-#include "host/dataset.h"
-#include "host/tensor.h"
+#include "common/cim_config.h"
+#include "host/io/dataset.h"
+#include "common/tensor.h"
 #include "networks/resnet.h"
 #include "train/network.h"
 #include "train/optimizer.h"

@@ -5,7 +5,7 @@
 #include <stdexcept>
 #include <string>
 
-#include "host/errors.h"
+#include "common/errors.h"
 
 namespace cimsweep::train::gpu {
 namespace {

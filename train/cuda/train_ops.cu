@@ -18,7 +18,7 @@
 
 #include "cuda/cuda_check.h"
 #include "cuda/device_info.h"
-#include "host/errors.h"
+#include "common/errors.h"
 #include "kernels/cim_math.h"
 
 #define TRAIN_CUDNN_CHECK(call)                                                            \

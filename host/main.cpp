@@ -1,5 +1,0 @@
-#include "host/cli.h"
-
-int main(int argc, char** argv) {
-  return cimsweep::run_cli(argc, argv);
-}
