@@ -380,7 +380,10 @@ std::vector<std::string> sweep_arguments(const SlurmOptions& o) {
   if (o.no_clean) args.push_back("--no-clean");
   if (o.threads > 0) add("--threads", std::to_string(o.threads));
   add("--backend", o.backend);
-  for (const auto& [name, value] : o.cim) {
+  for (const auto& entry : o.cim) {
+    // Named, not a structured binding: C++17 lambdas cannot capture those (clang rejects it).
+    const std::string& name = entry.first;
+    const std::string& value = entry.second;
     const auto& options = cim_options();
     const bool flag = std::any_of(options.begin(), options.end(), [&](const CimOption& option) {
       return option.flag && name == option.name;
