@@ -31,4 +31,20 @@ HOST_DEVICE inline double sub_rn(double a, double b) {
   return add_rn(a, -b);
 }
 
+HOST_DEVICE inline double div_rn(double a, double b) {
+#if defined(__CUDA_ARCH__)
+  return __ddiv_rn(a, b);
+#else
+  return a / b;
+#endif
+}
+
+HOST_DEVICE inline float fdiv_rn(float a, float b) {
+#if defined(__CUDA_ARCH__)
+  return __fdiv_rn(a, b);
+#else
+  return a / b;
+#endif
+}
+
 }  // namespace cim

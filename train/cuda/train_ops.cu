@@ -20,6 +20,7 @@
 #include "cuda/device_info.h"
 #include "common/errors.h"
 #include "kernels/cim_math.h"
+#include "train/cuda/train_kernels.h"
 
 #define TRAIN_CUDNN_CHECK(call)                                                            \
   do {                                                                                     \
@@ -166,235 +167,158 @@ template class DeviceVector<int32_t>;
 template class DeviceVector<double>;
 
 // ---------------------------------------------------------------------------------------------
-// Kernels
+// Kernels: each thread runs the per-element body of train_kernels.h (shared with the CPU copy,
+// train_reference.cpp); the reductions add their per-thread partials in one fixed tree.
 
 namespace {
 
-constexpr int kBlock = 256;
+using kernel::kBlock;
+using kernel::kClippedSumThreads;
+using kernel::kCrossEntropyBlock;
+using kernel::ShortcutShape;
+
+#define TRAIN_GRID_STRIDE_LOOP(i, n)                                                   \
+  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < (n); \
+       i += int64_t(gridDim.x) * blockDim.x)
 
 __global__ void relu_kernel(float* x, int64_t n) {
-  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n;
-       i += int64_t(gridDim.x) * blockDim.x)
-    x[i] = x[i] > 0.0f ? x[i] : 0.0f;
+  TRAIN_GRID_STRIDE_LOOP(i, n) x[i] = kernel::relu(x[i]);
 }
 
 __global__ void relu_backward_kernel(const float* y, float* dy, int64_t n) {
-  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n;
-       i += int64_t(gridDim.x) * blockDim.x)
-    dy[i] = y[i] > 0.0f ? dy[i] : 0.0f;
+  TRAIN_GRID_STRIDE_LOOP(i, n) dy[i] = kernel::relu_backward(y[i], dy[i]);
 }
 
-// Channel-major [C, N, plane] ↔ NCHW [N, C, plane].
+// Channel-major [C, N, plane] <-> NCHW [N, C, plane].
 __global__ void cnhw_to_nchw(const float* in, float* out, int c, int n, int64_t plane) {
-  const int64_t total = int64_t(c) * n * plane;
-  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < total;
-       i += int64_t(gridDim.x) * blockDim.x) {
-    const int64_t p = i % plane, cn = i / plane;
-    const int img = int(cn % n), ch = int(cn / n);
-    out[(int64_t(img) * c + ch) * plane + p] = in[i];
-  }
+  TRAIN_GRID_STRIDE_LOOP(i, int64_t(c) * n * plane)
+  out[kernel::cnhw_to_nchw_index(i, c, n, plane)] = in[i];
 }
 __global__ void nchw_to_cnhw(const float* in, float* out, int c, int n, int64_t plane) {
-  const int64_t total = int64_t(c) * n * plane;
-  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < total;
-       i += int64_t(gridDim.x) * blockDim.x) {
-    const int64_t p = i % plane, nc = i / plane;
-    const int ch = int(nc % c), img = int(nc / c);
-    out[(int64_t(ch) * n + img) * plane + p] = in[i];
+  TRAIN_GRID_STRIDE_LOOP(i, int64_t(c) * n * plane)
+  out[kernel::nchw_to_cnhw_index(i, c, n, plane)] = in[i];
+}
+
+__global__ void shortcut_forward_kernel(const float* x, float* y, ShortcutShape s) {
+  TRAIN_GRID_STRIDE_LOOP(i, int64_t(s.n) * s.out_c * s.oh * s.ow)
+  y[i] = kernel::shortcut_forward(x, i, s);
+}
+__global__ void shortcut_backward_kernel(const float* dy, float* dx, ShortcutShape s) {
+  TRAIN_GRID_STRIDE_LOOP(i, int64_t(s.n) * s.in_c * s.oh * s.ow) {
+    int64_t to, from;
+    kernel::shortcut_backward_indices(i, s, &to, &from);
+    dx[to] += dy[from];
   }
 }
 
-// Output (n, c, i, j) of the option-A shortcut; zero outside the copied channels.
-__global__ void shortcut_forward_kernel(const float* x, float* y, int n, int in_c, int h, int w,
-                                        int out_c, int oh, int ow, int stride, int before) {
-  const int64_t total = int64_t(n) * out_c * oh * ow;
-  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < total;
-       i += int64_t(gridDim.x) * blockDim.x) {
-    const int j = int(i % ow), r = int((i / ow) % oh);
-    const int oc = int((i / (int64_t(ow) * oh)) % out_c), img = int(i / (int64_t(ow) * oh * out_c));
-    const int c = oc - before;
-    y[i] = c >= 0 && c < in_c
-               ? x[((int64_t(img) * in_c + c) * h + int64_t(r) * stride) * w + int64_t(j) * stride]
-               : 0.0f;
-  }
-}
-// Every dy element of a copied channel adds into its own dx element (no two share one).
-__global__ void shortcut_backward_kernel(const float* dy, float* dx, int n, int in_c, int h, int w,
-                                         int out_c, int oh, int ow, int stride, int before) {
-  const int64_t total = int64_t(n) * in_c * oh * ow;
-  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < total;
-       i += int64_t(gridDim.x) * blockDim.x) {
-    const int j = int(i % ow), r = int((i / ow) % oh);
-    const int c = int((i / (int64_t(ow) * oh)) % in_c), img = int(i / (int64_t(ow) * oh * in_c));
-    dx[((int64_t(img) * in_c + c) * h + int64_t(r) * stride) * w + int64_t(j) * stride] +=
-        dy[((int64_t(img) * out_c + before + c) * oh + r) * ow + j];
-  }
-}
-
-// One thread per (n, c) plane, summed in double in order, as the CPU.
+// One thread per (n, c) plane.
 __global__ void gap_kernel(const float* x, float* y, int64_t planes, int64_t plane) {
-  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < planes;
-       i += int64_t(gridDim.x) * blockDim.x) {
-    double sum = 0;
-    const float* p = x + i * plane;
-    for (int64_t k = 0; k < plane; ++k) sum += p[k];
-    y[i] = float(sum / double(plane));
-  }
+  TRAIN_GRID_STRIDE_LOOP(i, planes) y[i] = kernel::average_plane(x + i * plane, plane);
 }
 __global__ void gap_backward_kernel(const float* dy, float* dx, int64_t planes, int64_t plane,
                                     float inv) {
-  const int64_t total = planes * plane;
-  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < total;
-       i += int64_t(gridDim.x) * blockDim.x)
-    dx[i] = dy[i / plane] * inv;
+  TRAIN_GRID_STRIDE_LOOP(i, planes * plane) dx[i] = dy[i / plane] * inv;
 }
 
-// Per channel of an NCHW tensor: Σ over n, h, w in double (one block per channel; the block's
-// threads take fixed strides and a fixed tree, so the sum is the same on every run).
-__global__ void channel_sum_kernel(const float* x, float* out, int n, int c, int64_t plane) {
-  __shared__ double partial[kBlock];
-  const int ch = blockIdx.x;
-  const int64_t count = int64_t(n) * plane;
-  double sum = 0;
-  for (int64_t i = threadIdx.x; i < count; i += blockDim.x) {
-    const int64_t img = i / plane, p = i % plane;
-    sum += x[(img * c + ch) * plane + p];
-  }
-  partial[threadIdx.x] = sum;
+// The block's partials added pairwise: partial[t] += partial[t + s] for s = threads/2, ..., 1.
+template <typename T, typename Op>
+__device__ T block_tree(T* partial, Op op) {
   __syncthreads();
   for (int s = blockDim.x / 2; s > 0; s >>= 1) {
-    if (threadIdx.x < s) partial[threadIdx.x] += partial[threadIdx.x + s];
+    if (threadIdx.x < s) partial[threadIdx.x] = op(partial[threadIdx.x], partial[threadIdx.x + s]);
     __syncthreads();
   }
-  if (threadIdx.x == 0) out[ch] = float(partial[0]);
+  return partial[0];
+}
+struct Add {
+  __device__ double operator()(double a, double b) const { return a + b; }
+};
+struct Max {
+  __device__ float operator()(float a, float b) const { return fmaxf(a, b); }
+};
+
+// Per channel of an NCHW tensor, one block per channel: the same sum on every run.
+__global__ void channel_sum_kernel(const float* x, float* out, int n, int c, int64_t plane) {
+  __shared__ double partial[kBlock];
+  partial[threadIdx.x] =
+      kernel::channel_sum_partial(x, blockIdx.x, n, c, plane, threadIdx.x, blockDim.x);
+  const double sum = block_tree(partial, Add{});
+  if (threadIdx.x == 0) out[blockIdx.x] = float(sum);
 }
 
-// y[n, o] += bias[o] on an [N, out] row-major matrix (NCHW with 1×1 planes) or per plane.
+// y[n, o, plane] += bias[o].
 __global__ void add_bias_kernel(float* y, const float* bias, int n, int c, int64_t plane) {
-  const int64_t total = int64_t(n) * c * plane;
-  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < total;
-       i += int64_t(gridDim.x) * blockDim.x)
-    y[i] += bias[(i / plane) % c];
+  TRAIN_GRID_STRIDE_LOOP(i, int64_t(n) * c * plane) y[i] += bias[(i / plane) % c];
 }
 
 // One thread per image: logits [N, classes] row-major.
 __global__ void cross_entropy_kernel(const float* logits, const int32_t* labels, int n,
                                      int classes, float weight, float* dlogits, double* losses,
                                      int* right) {
-  for (int img = blockIdx.x * blockDim.x + threadIdx.x; img < n; img += gridDim.x * blockDim.x) {
-    const float* z = logits + int64_t(img) * classes;
-    int best = 0;
-    for (int c = 1; c < classes; ++c)
-      if (double(z[c]) > double(z[best])) best = c;
-    const int label = labels[img];
-    right[img] = best == label;
-    double sum = 0;
-    for (int c = 0; c < classes; ++c) sum += exp(double(z[c]) - double(z[best]));
-    losses[img] = log(sum) + double(z[best]) - double(z[label]);
-    for (int c = 0; c < classes; ++c) {
-      const double p = exp(double(z[c]) - double(z[best]));
-      const double target = c == label ? 1.0 : 0.0;
-      dlogits[int64_t(img) * classes + c] = float(double(weight) * (p / sum - target) / n);
-    }
-  }
+  TRAIN_GRID_STRIDE_LOOP(img, int64_t(n))
+  kernel::cross_entropy_image(logits, labels, int(img), n, classes, weight, dlogits,
+                              losses + img, right + img);
 }
 
-// max |w| over the whole array (one block; max is exact in any order).
+// max |w| over the whole array (one block).
 __global__ void max_abs_kernel(const float* w, int64_t count, float* out) {
   __shared__ float partial[kBlock];
-  float m = 0;
-  for (int64_t i = threadIdx.x; i < count; i += blockDim.x) m = fmaxf(m, fabsf(w[i]));
-  partial[threadIdx.x] = m;
-  __syncthreads();
-  for (int s = blockDim.x / 2; s > 0; s >>= 1) {
-    if (threadIdx.x < s) partial[threadIdx.x] = fmaxf(partial[threadIdx.x], partial[threadIdx.x + s]);
-    __syncthreads();
-  }
-  if (threadIdx.x == 0) *out = partial[0];
+  partial[threadIdx.x] = kernel::max_abs_partial(w, count, threadIdx.x, blockDim.x);
+  const float m = block_tree(partial, Max{});
+  if (threadIdx.x == 0) *out = m;
 }
 
 __global__ void quantise_weights_maxabs_kernel(const float* w, int64_t count, const float* max_abs_p,
                                                int bits, float* out, uint8_t* pass) {
   const float max_abs = *max_abs_p;
-  const double top = cim::max_code(bits);
-  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < count;
-       i += int64_t(gridDim.x) * blockDim.x) {
-    const float w_hat = max_abs > 0 ? __fdiv_rn(w[i], max_abs) : 0.0f;
-    const int level = cim::weight_level(w_hat, bits);
-    out[i] = float(__ddiv_rn(__dmul_rn(double(max_abs), __dsub_rn(2.0 * level, top)), top));
+  TRAIN_GRID_STRIDE_LOOP(i, count) {
+    out[i] = kernel::quantise_weight_maxabs(w[i], max_abs, bits);
     if (pass) pass[i] = 1;
   }
 }
 
 __global__ void quantise_weights_wage_kernel(const float* w, int64_t count, double alpha,
                                              int bits, float* out, uint8_t* pass) {
-  const double top = cim::max_code(bits);
-  const double limit = 1.0 - ldexp(1.0, 1 - bits);
-  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < count;
-       i += int64_t(gridDim.x) * blockDim.x) {
-    const int level = cim::weight_level(cim::wage_weight(w[i], alpha, bits), bits);
-    out[i] = float(__ddiv_rn(__ddiv_rn(__dsub_rn(2.0 * level, top), top), alpha));
-    if (pass) pass[i] = fabs(__dmul_rn(alpha, double(w[i]))) <= limit ? 1 : 0;
+  TRAIN_GRID_STRIDE_LOOP(i, count) {
+    out[i] = kernel::quantise_weight_wage(w[i], alpha, bits);
+    if (pass) pass[i] = kernel::wage_passes(w[i], alpha, bits);
   }
 }
 
 __global__ void quantise_inputs_kernel(const float* x, int64_t count, float a_max, int bits,
                                        double step, float* out, uint8_t* region) {
-  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < count;
-       i += int64_t(gridDim.x) * blockDim.x) {
-    out[i] = float(__dmul_rn(step, double(cim::input_level(x[i], a_max, bits))));
-    if (region)
-      region[i] = x[i] < 0.0f ? kBelowRange : (x[i] > a_max ? kAboveRange : kInRange);
+  TRAIN_GRID_STRIDE_LOOP(i, count) {
+    out[i] = kernel::quantise_input(x[i], a_max, bits, step);
+    if (region) region[i] = kernel::input_region(x[i], a_max);
   }
 }
 
 __global__ void quantise_inputs_backward_kernel(const float* dy, const uint8_t* region,
                                                 int64_t count, float* dx) {
-  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < count;
-       i += int64_t(gridDim.x) * blockDim.x)
-    dx[i] = region[i] == kInRange ? dy[i] : 0.0f;
+  TRAIN_GRID_STRIDE_LOOP(i, count) dx[i] = kernel::quantise_input_backward(dy[i], region[i]);
 }
 
-// Σ dy where region = above, in double, one block with a fixed stride and tree: deterministic.
+// Σ dy where region = above, in double, one block: deterministic.
 __global__ void clipped_sum_kernel(const float* dy, const uint8_t* region, int64_t count,
                                    double* out) {
-  __shared__ double partial[1024];
-  double sum = 0;
-  for (int64_t i = threadIdx.x; i < count; i += blockDim.x)
-    if (region[i] == kAboveRange) sum += dy[i];
-  partial[threadIdx.x] = sum;
-  __syncthreads();
-  for (int s = blockDim.x / 2; s > 0; s >>= 1) {
-    if (threadIdx.x < s) partial[threadIdx.x] += partial[threadIdx.x + s];
-    __syncthreads();
-  }
-  if (threadIdx.x == 0) *out = partial[0];
+  __shared__ double partial[kClippedSumThreads];
+  partial[threadIdx.x] = kernel::clipped_sum_partial(dy, region, count, threadIdx.x, blockDim.x);
+  const double sum = block_tree(partial, Add{});
+  if (threadIdx.x == 0) *out = sum;
 }
 
 __global__ void add_kernel(float* y, const float* x, int64_t n) {
-  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n;
-       i += int64_t(gridDim.x) * blockDim.x)
-    y[i] += x[i];
+  TRAIN_GRID_STRIDE_LOOP(i, n) y[i] += x[i];
 }
 
 __global__ void mask_kernel(float* grad, const uint8_t* pass, int64_t n) {
-  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n;
-       i += int64_t(gridDim.x) * blockDim.x)
-    grad[i] = pass[i] ? grad[i] : 0.0f;
+  TRAIN_GRID_STRIDE_LOOP(i, n) grad[i] = pass[i] ? grad[i] : 0.0f;
 }
 
-// optimizer.cpp's sgd_step, the same float operations in the same order (no contraction:
-// --fmad=false).
 __global__ void sgd_kernel(float* value, const float* grad, float* momentum, int64_t count,
                            bool decays, float decay, float mu, float rate, bool nesterov) {
-  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < count;
-       i += int64_t(gridDim.x) * blockDim.x) {
-    float g = grad[i];
-    if (decays) g += decay * value[i];
-    momentum[i] = mu * momentum[i] + g;
-    const float update = nesterov ? g + mu * momentum[i] : momentum[i];
-    value[i] -= rate * update;
-  }
+  TRAIN_GRID_STRIDE_LOOP(i, count)
+  kernel::sgd_element(value[i], grad[i], momentum[i], decays, decay, mu, rate, nesterov);
 }
 
 // RAII wrappers of the cuDNN descriptors.
@@ -730,9 +654,10 @@ DeviceMap CudaTrainOps::shortcut_a_forward(const DeviceMap& x, int out_channels,
   const int oh = (x.height + stride - 1) / stride, ow = (x.width + stride - 1) / stride;
   DeviceMap y(out_channels, x.images, oh, ow);
   if (!y.size()) return y;
-  shortcut_forward_kernel<<<grid_for(int64_t(y.size()), kBlock), kBlock>>>(
-      x.data.data(), y.data.data(), x.images, x.channels, x.height, x.width, out_channels, oh, ow,
-      stride, before);
+  const ShortcutShape shape{x.images, x.channels, x.height, x.width, out_channels, oh, ow,
+                            stride, before};
+  shortcut_forward_kernel<<<grid_for(int64_t(y.size()), kBlock), kBlock>>>(x.data.data(),
+                                                                          y.data.data(), shape);
   CIM_CUDA_CHECK_LAUNCH();
   return y;
 }
@@ -741,9 +666,10 @@ void CudaTrainOps::shortcut_a_backward(const DeviceMap& dy, int stride, int befo
                                        DeviceMap& dx) {
   const int64_t total = int64_t(dx.images) * dx.channels * dy.height * dy.width;
   if (!total) return;
-  shortcut_backward_kernel<<<grid_for(total, kBlock), kBlock>>>(
-      dy.data.data(), dx.data.data(), dx.images, dx.channels, dx.height, dx.width, dy.channels,
-      dy.height, dy.width, stride, before);
+  const ShortcutShape shape{dx.images, dx.channels, dx.height, dx.width, dy.channels,
+                            dy.height, dy.width, stride, before};
+  shortcut_backward_kernel<<<grid_for(total, kBlock), kBlock>>>(dy.data.data(), dx.data.data(),
+                                                               shape);
   CIM_CUDA_CHECK_LAUNCH();
 }
 
@@ -776,9 +702,9 @@ double CudaTrainOps::softmax_cross_entropy(const DeviceMap& logits, const int32_
   }
   impl_->losses.resize(size_t(n));
   impl_->right.resize(size_t(n));
-  cross_entropy_kernel<<<grid_for(n, 128), 128>>>(logits.data.data(), labels, n, classes, weight,
-                                                  dlogits.data.data(), impl_->losses.data(),
-                                                  impl_->right.data());
+  cross_entropy_kernel<<<grid_for(n, kCrossEntropyBlock), kCrossEntropyBlock>>>(
+      logits.data.data(), labels, n, classes, weight, dlogits.data.data(), impl_->losses.data(),
+      impl_->right.data());
   CIM_CUDA_CHECK_LAUNCH();
   const std::vector<double> losses = impl_->losses.download();
   const std::vector<int32_t> right = impl_->right.download();
@@ -824,7 +750,7 @@ void CudaTrainOps::quantise_inputs_backward(const float* dy, const uint8_t* regi
     CIM_CUDA_CHECK_LAUNCH();
   }
   if (d_range) {
-    clipped_sum_kernel<<<1, 1024>>>(dy, region, int64_t(count), impl_->d_scalar.data());
+    clipped_sum_kernel<<<1, kClippedSumThreads>>>(dy, region, int64_t(count), impl_->d_scalar.data());
     CIM_CUDA_CHECK_LAUNCH();
     *d_range = impl_->d_scalar.download()[0];
   }
