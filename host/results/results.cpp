@@ -329,15 +329,16 @@ ResultsLog::ResultsLog(const std::string& path, bool resume, bool wait_for_lock)
     }
     break;
   }
-  if (created_) {
-    sync_directory_of(target_);
-    return;
-  }
+  if (created_) sync_directory_of(target_);
   try {
     struct stat status;
     if (fstat(fd_, &status) != 0)
       throw UserError("cannot read results file " + shown + ": " + errno_text());
     if (status.st_size == 0) return;
+    // Created here but not empty: another writer opened the new file and took the lock before
+    // this one did, ran, and appended (seen under ASan with two concurrent --wait-for-lock runs).
+    // Its trials are not ours to remove, and they are resumed like any file's.
+    created_ = false;
     const std::string text = read_fd(fd_, path);
     if (!resume) {
       std::string holds;
