@@ -104,16 +104,6 @@ CLI::App* setup_train(CLI::App& app, TrainOptions& o) {
   return cmd;
 }
 
-namespace {
-
-Dataset load_split(const std::string& path, const std::string& split, long long limit) {
-  Dataset data = load_dataset(path, split);
-  // balanced_subset's description names the subset.
-  return limit > 0 ? balanced_subset(data, size_t(limit)) : data;
-}
-
-}  // namespace
-
 int run_train(const TrainOptions& o) {
   TrainSettings s = o.settings;
   if (o.shortcut != "A" && o.shortcut != "B")
@@ -140,8 +130,8 @@ int run_train(const TrainOptions& o) {
   if (default_data && !std::filesystem::exists(path))
     throw UserError("no --data given and Fashion-MNIST is not installed at " + path +
                     ": run `apt-get install dataset-fashion-mnist` or pass --data PATH");
-  const Dataset train_data = load_split(path, "train", o.limit);
-  const Dataset test_data = load_split(path, "test", o.test_limit);
+  const Dataset train_data = load_balanced(path, "train", o.limit);
+  const Dataset test_data = load_balanced(path, "test", o.test_limit);
 
   auto log = [](const std::string& line) {
     std::fprintf(stderr, "%s\n", line.c_str());

@@ -67,15 +67,6 @@ CLI::App* setup_train_blockdrop(CLI::App& app, TrainBlockDropOptions& o) {
   return cmd;
 }
 
-namespace {
-
-Dataset load_split(const std::string& path, const std::string& split, long long limit) {
-  Dataset data = load_dataset(path, split);
-  return limit > 0 ? balanced_subset(data, size_t(limit)) : data;
-}
-
-}  // namespace
-
 int run_train_blockdrop(const TrainBlockDropOptions& o) {
   BlockDropSettings s = o.settings;
   if (o.limit < 0) throw UserError("--limit must be ≥ 0 (0: all training images)");
@@ -122,8 +113,8 @@ int run_train_blockdrop(const TrainBlockDropOptions& o) {
   if (default_data && !std::filesystem::exists(path))
     throw UserError("no --data given and Fashion-MNIST is not installed at " + path +
                     ": pass --data PATH");
-  const Dataset train_data = load_split(path, "train", o.limit);
-  const Dataset test_data = load_split(path, "test", o.test_limit);
+  const Dataset train_data = load_balanced(path, "train", o.limit);
+  const Dataset test_data = load_balanced(path, "test", o.test_limit);
 
   auto log = [](const std::string& line) {
     std::fprintf(stderr, "%s\n", line.c_str());

@@ -690,6 +690,11 @@ Dataset load_dataset(const std::string& path_text, const std::string& split) {
   return load_image_folder(path, path.string());
 }
 
+Dataset load_balanced(const std::string& path, const std::string& split, long long limit) {
+  Dataset data = load_dataset(path, split);
+  return limit > 0 ? balanced_subset(data, size_t(limit)) : data;
+}
+
 Dataset balanced_subset(const Dataset& data, size_t limit) {
   if (limit == 0 || limit >= data.size()) return data;
   std::vector<std::vector<size_t>> by_class(size_t(std::max(data.num_classes, 0)));

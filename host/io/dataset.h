@@ -46,6 +46,10 @@ Dataset load_dataset(const std::string& path, const std::string& split);
 // limit / num_classes images when it has enough. limit == 0 or >= size() returns everything.
 Dataset balanced_subset(const Dataset& data, size_t limit);
 
+// load_dataset, then its balanced_subset of `limit` images (0: every image); the subset's
+// description names it.
+Dataset load_balanced(const std::string& path, const std::string& split, long long limit);
+
 // The images `which` (indices into data, in that order) as a data set of their own.
 Dataset select_images(const Dataset& data, const std::vector<size_t>& which,
                       std::string description);
