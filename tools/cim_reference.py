@@ -188,18 +188,19 @@ def calibrate_input_ranges(model, loader_or_tensor, percentile=99.99, batch_size
     model.eval()
     layers = cim_layers(model)
     q = percentile / 100.0
+    device = next(model.parameters()).device  # images go where the model is (CPU or a GPU)
 
     per_image = {}
     probe_hooks = [module.register_forward_pre_hook(
         lambda module, inputs, name=name: per_image.__setitem__(name, inputs[0][0].numel()))
         for name, module in layers]
-    model(images[:1].float() / 255.0)
+    model(images[:1].to(device).float() / 255.0)
     for hook in probe_hooks:
         hook.remove()
 
     total = {name: per_image[name] * images.shape[0] for name, _ in layers}
     keep = {name: total[name] - math.floor(q * (total[name] - 1)) for name in total}
-    top = {name: torch.empty(0, dtype=torch.float64) for name in total}
+    top = {name: torch.empty(0, dtype=torch.float64, device=device) for name in total}
 
     def record(module, inputs, name):
         values = torch.cat([top[name], inputs[0].detach().reshape(-1).double()])
@@ -209,7 +210,7 @@ def calibrate_input_ranges(model, loader_or_tensor, percentile=99.99, batch_size
         lambda module, inputs, name=name: record(module, inputs, name)) for name, module in layers]
     try:
         for start in range(0, images.shape[0], batch_size):
-            model(images[start:start + batch_size].float() / 255.0)
+            model(images[start:start + batch_size].to(device).float() / 255.0)
     finally:
         for hook in hooks:
             hook.remove()

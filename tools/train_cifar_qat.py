@@ -1,4 +1,4 @@
-"""Quantisation-aware training of the study's CIFAR-10 ResNets on the CPU (PyTorch), resumable.
+"""Quantisation-aware training of the study's CIFAR-10 ResNets, CPU or GPU (PyTorch), resumable.
 
 The model zoo's trainer while `cimsweep train` is slower than PyTorch on a CPU. It trains exactly
 the quantisers the evaluator applies (cim-model §1, §3, as `docs/cim-model.md` states them): every
@@ -192,6 +192,9 @@ def parse_args(argv=None):
     parser.add_argument("--test-limit", type=int, default=0, help="first N test images (tests)")
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--device", default="cpu",
+                        help="cpu, or cuda / cuda:N for a GPU (augmentation and every random "
+                             "draw stay on the CPU, so a run may resume on either)")
     parser.add_argument("--checkpoint-dir", required=True,
                         help="folder of the per-epoch checkpoint and log; the run resumes from it")
     parser.add_argument("--stop-after", type=int, default=0,
@@ -205,7 +208,7 @@ def run_identity(args):
     is trained. The thread count may change between machines (PyTorch's CPU kernels then may sum
     in another order, so a resumed run is bit-identical to an uninterrupted one only on the same
     thread count; the history records each epoch's)."""
-    return {k: v for k, v in vars(args).items() if k not in ("stop_after", "threads")}
+    return {k: v for k, v in vars(args).items() if k not in ("stop_after", "threads", "device")}
 
 
 def atomic_torch_save(obj, path):
@@ -221,12 +224,14 @@ def accuracies(model, quantisers, images, labels, quantised, batch_size=500):
     """Top-1 accuracy of every head, float (quantisers off) or with the training quantisers."""
     model.eval()
     quantisers.enabled = quantised
+    device = next(model.parameters()).device
     correct = None
     for start in range(0, images.shape[0], batch_size):
-        batch = (images[start:start + batch_size].float() / 255.0).contiguous(
+        batch = (images[start:start + batch_size].to(device).float() / 255.0).contiguous(
             memory_format=torch.channels_last)
         outputs = model(batch)
-        hits = [int((out.argmax(1) == labels[start:start + batch_size]).sum()) for out in outputs]
+        expected = labels[start:start + batch_size].to(device)
+        hits = [int((out.argmax(1) == expected).sum()) for out in outputs]
         correct = hits if correct is None else [a + b for a, b in zip(correct, hits)]
     quantisers.enabled = True
     return [c / images.shape[0] for c in correct]
@@ -241,6 +246,14 @@ def calibrate(model, quantisers, calibration_images, first):
     quantisers.enabled = True
     quantisers.set_ranges(ranges)
     return ranges
+
+
+def device_name(device):
+    """'cpu', or 'cuda:N (<GPU name>)'."""
+    if device.type != "cuda":
+        return "cpu"
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    return f"cuda:{index} ({torch.cuda.get_device_name(index)})"
 
 
 def cpu_has_bf16():
@@ -288,7 +301,13 @@ def main(argv=None):
                     else [1.0] * heads)
     if len(exit_weights) != heads:
         fail(f"--exit-weights has {len(exit_weights)} values for {heads} heads")
-    if args.precision == "bf16" and not cpu_has_bf16():
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        fail(f"--device {args.device}: this torch ({torch.__version__}) sees no CUDA GPU: "
+             "use --device cpu")
+    if device.type not in ("cpu", "cuda"):
+        fail(f"--device {args.device}: must be cpu or cuda[:N]")
+    if args.precision == "bf16" and device.type == "cpu" and not cpu_has_bf16():
         fail("--precision bf16 needs a CPU with AVX-512 BF16 or AMX (this one would emulate "
              "bf16, ~20x slower than fp32): use --precision fp32")
     torch.set_num_threads(args.threads)
@@ -319,7 +338,7 @@ def main(argv=None):
     generator = torch.Generator().manual_seed(args.seed)
     model = cim_reference.ResNetCifar(args.depth, args.kernel, args.width, in_channels=3,
                                       num_classes=len(classes), exits=exits)
-    model = model.to(memory_format=torch.channels_last)
+    model = model.to(device=device, memory_format=torch.channels_last)
     quantisers = QuantisedLayers(model, args.weight_bits, args.input_bits)
     decay = [p for n, p in model.named_parameters() if n.endswith("weight") and p.dim() > 1]
     no_decay = [p for n, p in model.named_parameters() if not (n.endswith("weight") and p.dim() > 1)]
@@ -339,7 +358,7 @@ def main(argv=None):
     # machine after the code moved on says so in its provenance instead of naming the last one.
     commits = [git_commit()]
     if os.path.exists(checkpoint_path):
-        state = torch.load(checkpoint_path)
+        state = torch.load(checkpoint_path, map_location="cpu")  # optimizer state follows params
         if state["args"] != run_identity(args):
             fail(f"{checkpoint_path} was written by a run with other arguments "
                  f"({state['args']}); use another --checkpoint-dir or the same arguments")
@@ -358,7 +377,7 @@ def main(argv=None):
         log(f"start: {shlex.join(['python3'] + [relative(a) if os.path.exists(a) else a for a in sys.argv])}")
         log(f"{sum(p.numel() for p in model.parameters())} parameters, {steps_per_epoch} "
             f"batches per epoch, {args.epochs} epochs, {args.precision}, "
-            f"{args.threads} threads, commit {git_commit()}")
+            f"{args.threads} threads, {device_name(device)}, commit {git_commit()}")
 
     session_start = time.time()
     epochs_this_run = 0
@@ -373,10 +392,11 @@ def main(argv=None):
         loss_sum, correct = 0.0, 0
         for start in range(0, order.numel(), args.batch):
             index = order[start:start + args.batch]
-            inputs = (augment(train_images[index], generator).float() / 255.0).contiguous(
-                memory_format=torch.channels_last)
-            targets = train_labels[index]
-            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.precision == "bf16"):
+            inputs = (augment(train_images[index], generator).to(device).float() / 255.0
+                      ).contiguous(memory_format=torch.channels_last)
+            targets = train_labels[index].to(device)
+            with torch.autocast(device.type, dtype=torch.bfloat16,
+                                enabled=args.precision == "bf16"):
                 outputs = model(inputs)
             loss = sum(weight * F.cross_entropy(out.float(), targets,
                                                 label_smoothing=args.label_smoothing)
@@ -393,7 +413,7 @@ def main(argv=None):
                  "train_accuracy": round(correct / order.numel(), 5),
                  "test_accuracy_8bit": [round(a, 5) for a in test],
                  "lr_end": scheduler.get_last_lr()[0], "seconds": round(seconds, 1),
-                 "threads": args.threads}
+                 "threads": args.threads, "device": device_name(device)}
         history.append(entry)
         wall = wall_before + time.time() - session_start
         atomic_torch_save({"args": run_identity(args),
@@ -410,7 +430,7 @@ def main(argv=None):
         epochs_this_run += 1
         wall_before, session_start = wall, time.time()
 
-    state = torch.load(checkpoint_path)
+    state = torch.load(checkpoint_path, map_location="cpu")
     ranges = state["ranges"]
     wall = state["wall"]
     float_accuracy = accuracies(model, quantisers, test_images, test_labels, quantised=False)
@@ -464,7 +484,9 @@ def main(argv=None):
         "history": state["history"],
         "torch_version": torch.__version__,
         "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
-                   f"{args.threads} threads",
+                   f"{args.threads} threads, {device_name(device)}",
+        **({"devices": " ".join(sorted({h.get("device", "cpu") for h in state["history"]}))}
+           if any(h.get("device", "cpu") != "cpu" for h in state["history"]) else {}),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "wall_seconds": round(wall),
     }

@@ -12,6 +12,11 @@ cd "$(dirname "$0")/.."
 data="${1:?usage: tools/train_zoo.sh DATA [NAME...] (DATA: folder with train/ and test/)}"
 shift
 threads="${CIMSWEEP_TRAIN_THREADS:-2}"
+# CIMSWEEP_TRAIN_DEVICE=cuda trains on a GPU (augmentation and random draws stay on the CPU, so a
+# checkpoint moves between CPU and GPU machines); CIMSWEEP_PYTHON names a Python whose torch sees
+# it, where Debian's /usr/bin/python3 does not (a GPU machine's own PyTorch).
+device="${CIMSWEEP_TRAIN_DEVICE:-cpu}"
+python="${CIMSWEEP_PYTHON:-/usr/bin/python3}"
 # The precision of the models trained from cifar10-resnet32 on: bf16 autocast (fp32 master weights,
 # BN and loss) runs 1.6-2.1x faster than fp32 where the CPU has AVX-512 BF16 or AMX
 # (bench/results/cpu-train-vs-pytorch-2core-xeon-paused.md). CIMSWEEP_TRAIN_PRECISION=fp32 trains
@@ -41,8 +46,9 @@ for entry in "${zoo[@]}"; do
   model="models/$name.safetensors"
   if [ -e "$model" ]; then echo "train_zoo: $model exists, skipped"; continue; fi
   # shellcheck disable=SC2086  # the arguments are words
-  /usr/bin/python3 tools/train_cifar_qat.py --data "$data" $args --epochs 40 --lr 0.1 \
-    --threads "$threads" --checkpoint-dir "models/checkpoints/$name" --out "$model"
+  "$python" tools/train_cifar_qat.py --data "$data" $args --epochs 40 --lr 0.1 \
+    --threads "$threads" --device "$device" --checkpoint-dir "models/checkpoints/$name" \
+    --out "$model"
   # The model ships: its training log goes beside the other models' logs, the checkpoint goes.
   mkdir -p models/logs
   mv "models/checkpoints/$name/train.log" "models/logs/$name.log"

@@ -182,7 +182,9 @@ def main():
         first = train(data, os.path.join(work, "ck-resumed"), resumed, "--stop-after", "1")
         assert not os.path.exists(resumed), "a stopped run wrote its model"
         assert "stopping after 1 epochs" in first.stdout
-        second = train(data, os.path.join(work, "ck-resumed"), resumed)
+        # Named explicitly on the resume only: the device is not part of what a checkpoint must
+        # match (augmentation and random draws stay on the CPU), and cpu is the default.
+        second = train(data, os.path.join(work, "ck-resumed"), resumed, "--device", "cpu")
         assert "resumed from" in second.stdout and "after epoch 1" in second.stdout
         whole_header, whole_data, whole_meta = read_model(whole)
         resumed_header, resumed_data, resumed_meta = read_model(resumed)
@@ -220,6 +222,14 @@ def main():
         assert refused.returncode == 2 and "bf16" in refused.stderr, refused.stderr
         assert len(refused.stderr.strip().splitlines()) == 1, refused.stderr
         print("bf16: refused in one line on this CPU (no AVX-512 BF16 / AMX)")
+    if not torch.cuda.is_available():
+        refused = subprocess.run(
+            [sys.executable, os.path.join(SOURCE, "tools", "train_cifar_qat.py"), "--data", ".",
+             "--device", "cuda", "--checkpoint-dir", "unused", "--out", "unused"],
+            capture_output=True, text=True)
+        assert refused.returncode == 2 and "sees no CUDA GPU" in refused.stderr, refused.stderr
+        assert len(refused.stderr.strip().splitlines()) == 1, refused.stderr
+        print("--device cuda: refused in one line (this torch sees no GPU)")
     print("all passed")
 
 
