@@ -166,6 +166,17 @@ def check_reference_is_cimsweep_bit_for_bit(binary, work, data):
           f"and trial 0; a float64 remainder differs by {gap:.1e})")
 
 
+def expect_refused_in_one_line(options, phrase):
+    """The trainer with `options` stops before reading anything: exit 2, one stderr line naming
+    `phrase`."""
+    refused = subprocess.run(
+        [sys.executable, os.path.join(SOURCE, "tools", "train_cifar_qat.py"), "--data", ".",
+         *options, "--checkpoint-dir", "unused", "--out", "unused"],
+        capture_output=True, text=True)
+    assert refused.returncode == 2 and phrase in refused.stderr, refused.stderr
+    assert len(refused.stderr.strip().splitlines()) == 1, refused.stderr
+
+
 def main():
     binary = sys.argv[1]
     generator = np.random.default_rng(SEED)
@@ -215,20 +226,10 @@ def main():
         print(f"accuracy: provenance {100 * claimed:.2f} % = cimsweep eval {measured:.2f} %")
 
     if not train_cifar_qat.cpu_has_bf16():
-        refused = subprocess.run(
-            [sys.executable, os.path.join(SOURCE, "tools", "train_cifar_qat.py"), "--data", ".",
-             "--precision", "bf16", "--checkpoint-dir", "unused", "--out", "unused"],
-            capture_output=True, text=True)
-        assert refused.returncode == 2 and "bf16" in refused.stderr, refused.stderr
-        assert len(refused.stderr.strip().splitlines()) == 1, refused.stderr
+        expect_refused_in_one_line(["--precision", "bf16"], "bf16")
         print("bf16: refused in one line on this CPU (no AVX-512 BF16 / AMX)")
     if not torch.cuda.is_available():
-        refused = subprocess.run(
-            [sys.executable, os.path.join(SOURCE, "tools", "train_cifar_qat.py"), "--data", ".",
-             "--device", "cuda", "--checkpoint-dir", "unused", "--out", "unused"],
-            capture_output=True, text=True)
-        assert refused.returncode == 2 and "sees no CUDA GPU" in refused.stderr, refused.stderr
-        assert len(refused.stderr.strip().splitlines()) == 1, refused.stderr
+        expect_refused_in_one_line(["--device", "cuda"], "sees no CUDA GPU")
         print("--device cuda: refused in one line (this torch sees no GPU)")
     print("all passed")
 
