@@ -70,6 +70,12 @@ grep -q "SKIPPED \]" "$logs/test_backends.log" && echo "test_backends: GPU tests
 # 2. The CUDA training path against the CPU trainer.
 stage test_train_cuda 90 "$(exe tests/test_train_cuda)" --gtest_brief=1
 grep -E "^\[  (PASSED|FAILED|SKIPPED) " "$logs/test_train_cuda.log" | tee -a "$summary"
+# 2b. The whole-network step over 20 seeds: QAT gradients of that small network are chaotic (the
+#     test allows each tensor the CPU's own spread), so one seed proves little.
+stage train_seeds 90 bash -c 'rc=0; for s in $(seq 10 29); do
+  CIMSWEEP_TEST_SEED=$s "$0" --gtest_filter=TrainCuda.WholeNetworkStepMatchesCpu > /dev/null 2>&1 ||
+    { echo "seed $s failed"; rc=1; }; done; exit $rc' "$(exe tests/test_train_cuda)"
+cat "$logs/train_seeds.log" >> "$summary"
 
 # 3. The README's main job on the GPU: it must print the README's table (the CPU backend's).
 stage main_job_cuda 60 "$(exe cimsweep)" sweep --spec sweeps/fmnist-quick.toml --data "$fmnist" \
