@@ -242,7 +242,7 @@ std::vector<LayerGemms> backend_gemms(const ResNet& net, const CpuCimBackend& ba
                                       const CimConfig& config, double sigma) {
   const std::vector<int64_t> macs = net.layer_macs();
   std::vector<LayerGemms> out;
-  const int operand_extra = reference_rows(config, sigma);
+  const int operand_extra = config.chip(sigma, 0, 0).reference_rows();
   for (const QuantisedLayer& layer : backend.layers()) {
     LayerGemms g;
     const CimLayerSpec& spec = layer.spec;
@@ -335,13 +335,9 @@ ModeRun run_mode(const RandomModel& model, const std::vector<uint8_t>& pixels, i
   if (config.adc == AdcMode::kCalibrated && !digital) {
     // As TrialRunner does: the clean chip's largest partial sums over the first batch.
     const auto start = Clock::now();
-    backend.program_chip(0, 0.0);
-    backend.set_calibrating(true);
     const int count = std::min(images, config.batch_size);
     load_batch(0, count);
-    backend.begin_batch(0);
-    net.forward(batch.data(), count, backend);
-    backend.set_calibrating(false);
+    calibrate_adc(backend, net, batch.data(), count);
     run.calibration_s = seconds_since(start);
   }
   for (int trial = 0; trial < trials; ++trial) {

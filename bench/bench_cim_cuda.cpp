@@ -136,13 +136,9 @@ Run run_chip(CimBackend& backend, const ResNet& net, const CimConfig& config, bo
   Run run;
   if (config.adc == AdcMode::kCalibrated && !digital) {
     const auto start = Clock::now();
-    backend.program_chip(0, 0.0);
-    backend.set_calibrating(true);
     const int count = std::min(images, config.batch_size);
     load(0, count);
-    backend.begin_batch(0);
-    net.forward(batch.data(), count, backend);
-    backend.set_calibrating(false);
+    calibrate_adc(backend, net, batch.data(), count);
     run.calibration_s = seconds_since(start);
   }
   backend.set_all_digital(digital);

@@ -38,4 +38,16 @@ class CimBackend {
   virtual void run_layer(int index, const float* x, int n, int h, int w, float* y) = 0;
 };
 
+// ADC `calibrated`: the ADC's range is set at design time from clean data, the largest partial sum
+// of each layer over `count` images (the first evaluation batch) on a noise-free chip. `network`
+// is any network with forward(images, count, backend), e.g. a ResNet.
+template <class Network>
+void calibrate_adc(CimBackend& backend, const Network& network, const float* images, int count) {
+  backend.program_chip(0, 0.0);
+  backend.set_calibrating(true);
+  backend.begin_batch(0);
+  network.forward(images, count, backend);
+  backend.set_calibrating(false);
+}
+
 }  // namespace cimsweep

@@ -12,6 +12,20 @@ double CimConfig::inv_onoff() const {
   return std::isinf(onoff_ratio) ? 0.0 : 1.0 / onoff_ratio;
 }
 
+cim::ChipModel CimConfig::chip(double sigma, uint32_t trial, int layer) const {
+  cim::ChipModel chip;
+  chip.key = cim::NoiseKey{seed, trial};
+  chip.layer = uint32_t(layer);
+  chip.cell_bits = cell_bits;
+  chip.slices = cells_per_weight();
+  chip.inv_onoff = inv_onoff();
+  chip.sigma = sigma;
+  chip.variation = variation;
+  chip.clamp_at_zero = clamp_at_zero;
+  chip.reference_variation = reference_variation;
+  return chip;
+}
+
 void CimConfig::validate() const {
   auto fail = [](const std::string& message) { throw UserError(message); };
   if (weight_bits < 2 || weight_bits > 16)

@@ -8,12 +8,14 @@
 
 #include <nlohmann/json.hpp>
 
+#include "kernels/chip_model.h"
+
 namespace cimsweep {
 
 enum class WeightScaling { kMaxAbs, kWage };
-enum class VariationMode { kDevice, kCycle };
+using cim::VariationMode;  // kernels/chip_model.h: the executors read them there too
 enum class Mapping { kKernel, kDense };
-enum class AdcMode { kDynamic, kFixed, kCalibrated, kIdeal };
+using cim::AdcMode;
 
 struct CimConfig {
   int weight_bits = 8;      // wb
@@ -35,6 +37,8 @@ struct CimConfig {
 
   int cells_per_weight() const { return weight_bits / cell_bits; }
   double inv_onoff() const;  // 1/r, 0 for r = inf
+  // Chip `trial` of layer `layer` (its forward-order number) at programming variation σ.
+  cim::ChipModel chip(double sigma, uint32_t trial, int layer) const;
   // Throws UserError naming the first impossible parameter and how to fix it.
   void validate() const;
   // Every field: the identity of a results file's configuration (σ is per trial, not here).

@@ -81,9 +81,9 @@ void adc_accumulate(const cimops::ReadParams& p, const float* partials, const Ac
     throw std::invalid_argument("adc_accumulate: null device pointer");
   if (count < 1 || count > kMaxReadsPerLaunch || p.positions < 1 || p.outs < 1 || p.slices < 1)
     throw std::invalid_argument("adc_accumulate: bad read count or shape");
-  if (p.adc == cimops::AdcKind::kDynamic && !p.ideal_clean && !ranges)
+  if (p.adc == cimops::AdcMode::kDynamic && !p.ideal_clean && !ranges)
     throw std::invalid_argument("adc_accumulate: ADC dynamic needs the ranges of its reads");
-  if (p.adc == cimops::AdcKind::kCalibrated && !(p.calibrated_full_scale > 0))
+  if (p.adc == cimops::AdcMode::kCalibrated && !(p.calibrated_full_scale > 0))
     throw std::invalid_argument("adc_accumulate: ADC calibrated without a measured range");
   for (int i = 0; i < count; ++i)
     if (reads[i].bit < 0 || reads[i].bit > 15 || reads[i].subarray_rows < 1)

@@ -10,6 +10,7 @@
 #include <stdint.h>
 #include <string.h>
 
+#include "kernels/chip_model.h"
 #include "kernels/cim_math.h"
 #include "kernels/host_device.h"
 #include "kernels/lookup_read.h"
@@ -43,55 +44,30 @@ HOST_DEVICE inline uint16_t mapped_input_level(const float* x, const LayerGeomet
   return uint16_t(cim::input_level(a, a_max, input_bits));
 }
 
-// What programming a sub-array needs (cim-model.md §1, §2).
+// What programming a sub-array needs (cim-model.md §1, §2): the chip and the layer's levels.
 struct ChipParams {
+  cim::ChipModel chip;
   const uint16_t* levels = nullptr;        // D[o][logical row], the layer's weight levels
   const int* mapped_to_logical = nullptr;  // mapped row → logical row (c, i, j)
-  int rows = 0, outs = 0, slices = 0, cell_bits = 0;
-  int ref_rows = 1;  // 1: the all-ones counting row; slices: varied reference cells
-  double inv_onoff = 0, sigma = 0;
-  bool clamp_at_zero = false;
-  cim::NoiseKey key;
-  uint32_t layer = 0;  // the layer's forward-order number: keys its noise
+  int rows = 0, outs = 0;
+  HOST_DEVICE int operand_rows() const { return chip.slices * outs + chip.reference_rows(); }
 };
 
 // Column k (mapped row r0 + k) of one sub-array's GEMM operand [slices·outs + ref_rows][width],
 // the layout of CpuCimBackend::programmed_subarray: for o < outs the `slices` cells of output o;
-// for o == outs the reference rows. σ = 0 stores integer levels (exact partial sums, §7).
+// for o == outs the reference rows (cim::ChipModel programs both).
 HOST_DEVICE inline void program_operand_column(const ChipParams& p, int r0, int width, int k, int o,
                                                uint32_t read, float* operand) {
   const int logical = p.mapped_to_logical[r0 + k];
+  const int slices = p.chip.slices;
   if (o < p.outs) {
-    const int level = p.levels[int64_t(o) * p.rows + logical];
-    const uint64_t first_cell = (uint64_t(o) * p.rows + logical) * p.slices;
-    float z[4] = {0, 0, 0, 0};
-    uint64_t cached_group = ~uint64_t{0};
-    for (int m = 0; m < p.slices; ++m) {
-      const int cell = cim::cell_level(level, m, p.cell_bits);
-      double value = cell;
-      if (p.sigma != 0) {
-        const uint64_t cell_id = first_cell + m;
-        if ((cell_id >> 2) != cached_group) {
-          cached_group = cell_id >> 2;
-          cim::normal4(p.key, p.layer, cim::kWeightCells, cached_group, read, z);
-        }
-        value = cim::vary_conductance(cim::cell_conductance(cell, p.cell_bits, p.inv_onoff),
-                                      p.sigma, z[cell_id & 3], p.clamp_at_zero);
-      }
-      operand[int64_t(m * p.outs + o) * width + k] = float(value);
-    }
+    p.chip.program_weight(p.levels[int64_t(o) * p.rows + logical],
+                          (uint64_t(o) * p.rows + logical) * slices, read,
+                          operand + int64_t(o) * width + k, int64_t(p.outs) * width);
     return;
   }
-  const double g_ref = cim::reference_conductance(p.cell_bits, p.inv_onoff);
-  for (int m = 0; m < p.ref_rows; ++m) {
-    double value = 1.0;  // the all-ones row counts Σ b; Pref = g_ref·Σ b
-    if (p.ref_rows > 1) {
-      const float z = cim::cell_noise(p.key, p.layer, cim::kReferenceCells,
-                                      uint64_t(logical) * p.slices + m, read);
-      value = cim::vary_conductance(g_ref, p.sigma, z, p.clamp_at_zero);
-    }
-    operand[int64_t(p.slices * p.outs + m) * width + k] = float(value);
-  }
+  for (int m = 0; m < p.chip.reference_rows(); ++m)
+    operand[int64_t(slices * p.outs + m) * width + k] = p.chip.reference_cell(logical, m, read);
 }
 
 // acc + a·bit for bit ∈ {0, 1}, as the tiled partial-sum kernel adds a group's rows: a·bit is
@@ -114,18 +90,12 @@ HOST_DEVICE inline float partial_sum(const float* operand_row, int width, const 
                                size_t(positions), bit);
 }
 
-enum class AdcKind : int { kDynamic = 0, kFixed = 1, kCalibrated = 2, kIdeal = 3 };
+using cim::AdcMode;
 
-// How the partial sums of a layer's reads become ADC codes and are recombined (§4, §5).
-struct ReadParams {
-  int outs = 0, slices = 0, ref_rows = 1, cell_bits = 0, adc_bits = 0, input_bits = 0;
-  AdcKind adc = AdcKind::kIdeal;
-  bool clean = true;        // σ = 0: P holds exact integer Σ d·b
-  bool ideal_clean = true;  // σ = 0 and ADC ideal: the exact integer path (and calibration)
-  double inv_onoff = 0, g_ref = 0, gain = 0;
-  double calibrated_full_scale = 0;
+// How the partial sums of a layer's reads become ADC codes and are recombined (§4, §5): the read
+// set-up every executor shares, and the number of positions of the batch's P [rows][positions].
+struct ReadParams : cim::ReadSetup {
   int64_t positions = 0;
-  HOST_DEVICE int operand_rows() const { return slices * outs + ref_rows; }
 };
 
 // The partial sum in level units (σ = 0: from the exact integer Σ d·b and the count Σ b, §7).
@@ -204,18 +174,18 @@ template <class Op>
 HOST_DEVICE inline double with_slice_adcs(const ReadParams& p, const SliceRange* ranges, int m,
                                           int subarray_rows, const Op& op) {
   switch (p.adc) {
-    case AdcKind::kDynamic:
+    case AdcMode::kDynamic:
       return op(cim::DynamicAdc(ranges[m].lo, ranges[m].hi, p.adc_bits),
                 cim::DynamicAdc(ranges[m].ref_lo, ranges[m].ref_hi, p.adc_bits));
-    case AdcKind::kFixed: {
+    case AdcMode::kFixed: {
       const cim::FixedAdc adc(double(subarray_rows) * cim::max_code(p.cell_bits), p.adc_bits);
       return op(adc, adc);
     }
-    case AdcKind::kCalibrated: {
+    case AdcMode::kCalibrated: {
       const cim::FixedAdc adc(p.calibrated_full_scale, p.adc_bits);
       return op(adc, adc);
     }
-    case AdcKind::kIdeal:
+    case AdcMode::kIdeal:
       break;
   }
   return op(cim::IdealAdc(), cim::IdealAdc());

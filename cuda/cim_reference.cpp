@@ -27,7 +27,7 @@ std::vector<float> program_subarray(const QuantisedLayer& layer, const CimConfig
   p.levels = layer.levels.data();
   p.mapped_to_logical = layer.mapped_to_logical.data();
   const int r0 = layer.subarray_begin[s], width = layer.subarray_begin[s + 1] - r0;
-  std::vector<float> operand(size_t(p.slices * p.outs + p.ref_rows) * width, 0.0f);
+  std::vector<float> operand(size_t(p.operand_rows()) * width, 0.0f);
   for (int o = 0; o <= p.outs; ++o)
     for (int k = 0; k < width; ++k)
       cimops::program_operand_column(p, r0, width, k, o, read, operand.data());
@@ -77,7 +77,7 @@ std::vector<float> run_layer(const QuantisedLayer& layer, const CimConfig& confi
   double most = 0;
 
   if (layer.digital || run.all_digital) {
-    const std::vector<double> weights = cimops::digital_weights(layer, config);
+    const std::vector<double> weights = digital_weights(layer, config);
     for (int o = 0; o < outs; ++o)
       for (int r = 0; r < g.rows; ++r)
         for (int64_t q = 0; q < positions; ++q)
@@ -87,7 +87,7 @@ std::vector<float> run_layer(const QuantisedLayer& layer, const CimConfig& confi
     common.assign(size_t(positions), 0.0);
     const ReadParams p =
         cimops::make_read_params(layer, config, run.sigma, run.calibrating, positions);
-    const bool cycle = config.variation == VariationMode::kCycle && run.sigma > 0;
+    const bool cycle = config.chip(run.sigma, run.trial, layer.index).redrawn_per_read();
     for (int s = 0; s < layer.subarrays(); ++s) {
       const int r0 = layer.subarray_begin[s], width = layer.subarray_begin[s + 1] - r0;
       const std::vector<float> chip = program_subarray(layer, config, run.sigma, run.trial, s, 0);
@@ -95,12 +95,12 @@ std::vector<float> run_layer(const QuantisedLayer& layer, const CimConfig& confi
         const std::vector<float> operand =
             cycle ? program_subarray(
                         layer, config, run.sigma, run.trial, s,
-                        cimops::cycle_read_number(run.batch_index, config.input_bits, bit))
+                        cim::ChipModel::cycle_read(run.batch_index, config.input_bits, bit))
                   : chip;
         const std::vector<float> P =
             partial_sums(operand, p.operand_rows(), width, mapped, positions, r0, bit);
         std::vector<SliceRange> ranges;
-        if (p.adc == cimops::AdcKind::kDynamic) ranges = adc_ranges(p, P);
+        if (p.adc == AdcMode::kDynamic) ranges = adc_ranges(p, P);
         const SliceRange* read_ranges = ranges.empty() ? nullptr : ranges.data();
         for (int o = 0; o < outs; ++o)
           for (int64_t q = 0; q < positions; ++q) {

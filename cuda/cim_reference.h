@@ -9,7 +9,7 @@
 
 #include "cuda/cim_ops.h"
 #include "common/cim_config.h"
-#include "host/cpu/cim_cpu.h"
+#include "common/layer_plan.h"
 
 namespace cimsweep::cimref {
 

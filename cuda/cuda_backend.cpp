@@ -97,7 +97,7 @@ struct CudaCimBackend::Impl {
 
   int operand_rows(int index) const {
     return config.cells_per_weight() * layers[index].spec.out_channels +
-           reference_rows(config, sigma);
+           config.chip(sigma, trial, index).reference_rows();
   }
   bool fast() const { return options.precision == CudaPrecision::kFast; }
 
@@ -154,7 +154,7 @@ CudaCimBackend::CudaCimBackend(int device, const std::vector<CimLayerSpec>& laye
     d.levels.upload(layer.levels);
     d.mapped_to_logical.upload(layer.mapped_to_logical);
     if (layer.spec.bias) d.bias.upload(layer.spec.bias, size_t(layer.spec.out_channels));
-    d.digital_weights.upload(cimops::digital_weights(layer, im.config));
+    d.digital_weights.upload(digital_weights(layer, im.config));
     for (int s = 0; s < layer.subarrays(); ++s)
       d.max_width = std::max(d.max_width, layer.subarray_begin[s + 1] - layer.subarray_begin[s]);
   }
@@ -293,11 +293,11 @@ void CudaCimBackend::Impl::run_cim(int index, int64_t positions) {
   DeviceLayer& d = device_layers[index];
   const cimops::ReadParams p =
       cimops::make_read_params(layer, config, sigma, calibrating, positions);
-  if (p.adc == cimops::AdcKind::kCalibrated && !(layer.adc_full_scale > 0))
+  if (p.adc == AdcMode::kCalibrated && !(layer.adc_full_scale > 0))
     throw UserError("ADC 'calibrated' needs a calibration run first (internal: layer '" +
                     layer.spec.name + "' has no range)");
-  const bool cycle = config.variation == VariationMode::kCycle && sigma > 0;
-  const bool dynamic = p.adc == cimops::AdcKind::kDynamic;
+  const bool cycle = config.chip(sigma, trial, index).redrawn_per_read();
+  const bool dynamic = p.adc == AdcMode::kDynamic;
   const bool track_largest = calibrating && p.ideal_clean;
   const int rows_op = p.operand_rows(), input_bits = config.input_bits;
   const int reads = layer.subarrays() * input_bits;
@@ -341,7 +341,7 @@ void CudaCimBackend::Impl::run_cim(int index, int64_t positions) {
       if (cycle) {
         operand = cycle_operands.data() + j * slot;
         cuda::program_subarray(chip, r0, width,
-                               cimops::cycle_read_number(batch_index, input_bits, bit), operand,
+                               cim::ChipModel::cycle_read(batch_index, input_bits, bit), operand,
                                stream);
       }
       jobs[j] = cuda::PartialSumJob{operand, r0, width, bit,

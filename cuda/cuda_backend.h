@@ -17,7 +17,7 @@
 
 #include "common/cim_backend.h"
 #include "common/cim_config.h"
-#include "host/cpu/cim_cpu.h"
+#include "common/layer_plan.h"
 
 namespace cimsweep {
 

@@ -35,7 +35,7 @@ void program_subarray(const cimops::ChipParams& chip, int r0, int width, uint32_
     throw std::invalid_argument("program_subarray: null device pointer");
   if (width < 1 || r0 < 0 || r0 + width > chip.rows)
     throw std::invalid_argument("program_subarray: sub-array rows outside the layer");
-  if (chip.slices < 1 || chip.outs < 1 || (chip.ref_rows != 1 && chip.ref_rows != chip.slices))
+  if (chip.chip.slices < 1 || chip.outs < 1)
     throw std::invalid_argument("program_subarray: bad slices, outputs or reference rows");
   launch_program_subarray(chip, r0, width, read, operand, stream);
 }

@@ -23,6 +23,16 @@ HOST_DEVICE inline int weight_level(float w_hat, int weight_bits) {
   return int(level);
 }
 
+// WAGE's per-layer scale (Wu et al. 2018, eqs. 7-8): α = max(Shift(L_min / L_std), 1) with
+// L_std = sqrt(6 / fan_in), L_min = β·2^(1−wb), β = 1.5, Shift(x) = 2^round(log2 x). Host only
+// (log2 is not correctly rounded everywhere): executors pass α to their kernels.
+inline double wage_alpha(int fan_in, int weight_bits) {
+  const double limit_std = sqrt(6.0 / fan_in);
+  const double limit_min = 1.5 * ldexp(1.0, 1 - weight_bits);
+  const double shifted = ldexp(1.0, int(lround(log2(limit_min / limit_std))));
+  return shifted > 1.0 ? shifted : 1.0;
+}
+
 // §1, WAGE grid: ŵ = round(2^(wb−1) · clip(αW, −1 + 2^−(wb−1), 1 − 2^−(wb−1))) / 2^(wb−1).
 HOST_DEVICE inline float wage_weight(float w, double alpha, int weight_bits) {
   const double grid = double(1 << (weight_bits - 1));

@@ -438,7 +438,7 @@ TEST(Reference, PartialSumsAreTheCpuLookupReads) {
       const std::vector<uint16_t> mapped =
           cimref::quantise_im2col(layer, config, d.input.data(), g);
       const int columns =
-          config.cells_per_weight() * d.spec.out_channels + reference_rows(config, m.sigma);
+          config.cells_per_weight() * d.spec.out_channels + config.chip(m.sigma, 0, 0).reference_rows();
       const int stride = cim::lookup_stride(columns);
       for (int sub = 0; sub < layer.subarrays(); ++sub) {
         const int r0 = layer.subarray_begin[sub], width = layer.subarray_begin[sub + 1] - r0;

@@ -364,7 +364,7 @@ TEST(LookupReads, TablesHoldTheSharedEntriesOfTheProgrammedChip) {
       backend.program_chip(3, sigma);
       const cimsweep::QuantisedLayer& layer = backend.layers()[0];
       const int columns =
-          config.cells_per_weight() * d.spec.out_channels + cimsweep::reference_rows(config, sigma);
+          config.cells_per_weight() * d.spec.out_channels + config.chip(sigma, 0, 0).reference_rows();
       const int stride = cim::lookup_stride(columns);
       for (int s = 0; s < layer.subarrays(); ++s) {
         const int width = layer.subarray_begin[s + 1] - layer.subarray_begin[s];
@@ -412,7 +412,7 @@ TEST(LookupReads, OutputsFollowTheSharedPerElementOrderBitForBit) {
       backend.run_layer(0, d.input.data(), d.n, d.h, d.w, got.data());
 
       const int outs = d.spec.out_channels, slices = config.cells_per_weight();
-      const int ref_rows = cimsweep::reference_rows(config, sigma);
+      const int ref_rows = config.chip(sigma, 0, 0).reference_rows();
       const int columns = slices * outs + ref_rows, stride = cim::lookup_stride(columns);
       const double inv = config.inv_onoff(), g_ref = cim::reference_conductance(4, inv);
       const double gain = cim::recombination_gain(inv);

@@ -7,14 +7,6 @@
 
 namespace cimsweep::train {
 
-double wage_alpha(int fan_in, int weight_bits) {
-  // Must stay equal to host/cpu/cim_cpu.cpp's (WAGE, Wu et al. 2018, eqs. 7-8), which keeps it private.
-  const double limit_std = std::sqrt(6.0 / fan_in);
-  const double limit_min = 1.5 * std::ldexp(1.0, 1 - weight_bits);
-  const double shifted = std::ldexp(1.0, int(std::lround(std::log2(limit_min / limit_std))));
-  return std::max(shifted, 1.0);
-}
-
 void quantise_weights(const float* w, size_t count, int fan_in, int weight_bits,
                       WeightScaling scaling, float* out, uint8_t* pass) {
   const double top = cim::max_code(weight_bits);

@@ -6,6 +6,7 @@
 #include <cstdint>
 
 #include "common/cim_config.h"
+#include "kernels/cim_math.h"
 
 namespace cimsweep::train {
 
@@ -16,8 +17,8 @@ struct QuantSettings {
   WeightScaling scaling = WeightScaling::kMaxAbs;
 };
 
-// WAGE's per-layer power-of-two scale α for a layer of `fan_in` rows (as host/cpu/cim_cpu.cpp).
-double wage_alpha(int fan_in, int weight_bits);
+// WAGE's per-layer power-of-two scale α for a layer of `fan_in` rows: the evaluator's own.
+using cim::wage_alpha;
 
 // out[i] = the weight value the digital CIM layer multiplies with: with s = max|W| (maxabs) or
 // s = 1/α (wage) and D the level of cim-model.md §1, s·(2D − (2^wb − 1))/(2^wb − 1).

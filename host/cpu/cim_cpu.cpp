@@ -18,82 +18,7 @@ namespace {
 // chunk, and so every result, is the same however many threads run.
 constexpr int kChunk = 512;
 
-// WAGE's per-layer scale (Wu et al. 2018, eqs. 7-8): α = max(Shift(L_min / L_std), 1) with
-// L_std = sqrt(6 / fan_in), L_min = β·2^(1−wb), β = 1.5, Shift(x) = 2^round(log2 x).
-double wage_alpha(int fan_in, int weight_bits) {
-  const double limit_std = std::sqrt(6.0 / fan_in);
-  const double limit_min = 1.5 * std::ldexp(1.0, 1 - weight_bits);
-  const double shifted = std::ldexp(1.0, int(std::lround(std::log2(limit_min / limit_std))));
-  return std::max(shifted, 1.0);
-}
-
-// Sub-array partition: `kernel` maps each kernel position on its own and cuts its channels into
-// blocks of R rows; `dense` cuts the (c, i, j)-ordered rows into consecutive blocks of R.
-void map_rows(const CimLayerSpec& spec, Mapping mapping, int rows_per_subarray,
-              QuantisedLayer& layer) {
-  const int taps = spec.kernel_h * spec.kernel_w;
-  layer.mapped_to_logical.clear();
-  layer.subarray_begin = {0};
-  if (mapping == Mapping::kKernel) {
-    for (int tap = 0; tap < taps; ++tap) {
-      for (int c0 = 0; c0 < spec.in_channels; c0 += rows_per_subarray) {
-        const int c1 = std::min(spec.in_channels, c0 + rows_per_subarray);
-        for (int c = c0; c < c1; ++c) layer.mapped_to_logical.push_back(c * taps + tap);
-        layer.subarray_begin.push_back(int(layer.mapped_to_logical.size()));
-      }
-    }
-  } else {
-    const int rows = spec.rows();
-    for (int r = 0; r < rows; ++r) layer.mapped_to_logical.push_back(r);
-    for (int r0 = 0; r0 < rows; r0 += rows_per_subarray)
-      layer.subarray_begin.push_back(std::min(rows, r0 + rows_per_subarray));
-  }
-}
-
 }  // namespace
-
-int reference_rows(const CimConfig& config, double sigma) {
-  return (config.reference_variation && sigma > 0) ? config.cells_per_weight() : 1;
-}
-
-QuantisedLayer quantise_layer(const CimLayerSpec& spec, int index, const CimConfig& config,
-                              bool digital) {
-  QuantisedLayer layer;
-  layer.spec = spec;
-  layer.index = index;
-  layer.digital = digital;
-  const int rows = spec.rows();
-  const size_t count = size_t(spec.out_channels) * rows;
-  if (!(spec.input_range > 0) || !std::isfinite(spec.input_range))
-    throw UserError("layer '" + spec.name + "' has input range " +
-                    std::to_string(spec.input_range) +
-                    ": every CIM layer needs a positive a_max in cimsweep.input_ranges");
-
-  double weight_scale = 1.0;  // what ŵ must be multiplied by to give W back
-  std::vector<float> w_hat(count);
-  if (config.scaling == WeightScaling::kMaxAbs) {
-    float max_abs = 0;
-    for (size_t i = 0; i < count; ++i) max_abs = std::max(max_abs, std::fabs(spec.weight[i]));
-    weight_scale = max_abs;
-    for (size_t i = 0; i < count; ++i) w_hat[i] = max_abs > 0 ? spec.weight[i] / max_abs : 0.0f;
-  } else {
-    const double alpha = wage_alpha(rows, config.weight_bits);
-    weight_scale = 1.0 / alpha;
-    for (size_t i = 0; i < count; ++i)
-      w_hat[i] = cim::wage_weight(spec.weight[i], alpha, config.weight_bits);
-  }
-  layer.levels.resize(count);
-  for (size_t i = 0; i < count; ++i)
-    layer.levels[i] = uint16_t(cim::weight_level(w_hat[i], config.weight_bits));
-
-  const double denominator =
-      config.neurosim_scale
-          ? std::ldexp(1.0, config.weight_bits) * std::ldexp(1.0, config.input_bits)
-          : double(cim::max_code(config.weight_bits)) * double(cim::max_code(config.input_bits));
-  layer.output_scale = weight_scale * double(spec.input_range) / denominator;
-  map_rows(spec, config.mapping, config.subarray_rows, layer);
-  return layer;
-}
 
 CpuCimBackend::CpuCimBackend(const std::vector<CimLayerSpec>& layers, const CimConfig& config)
     : config_(config) {
@@ -112,7 +37,7 @@ CpuCimBackend::CpuCimBackend(const std::vector<CimLayerSpec>& layers, const CimC
                                    layers[i].name) != config_.digital_layers.end();
     layers_.push_back(quantise_layer(layers[i], int(i), config_, digital));
   }
-  chip_.resize(layers_.size());
+  operands_.resize(layers_.size());
   tables_.resize(layers_.size());
   calibration_max_.assign(layers_.size(), 0.0);
   program_chip(0, 0.0);
@@ -121,18 +46,17 @@ CpuCimBackend::CpuCimBackend(const std::vector<CimLayerSpec>& layers, const CimC
 void CpuCimBackend::program_chip(uint32_t trial, double sigma) {
   if (!(sigma >= 0) || !std::isfinite(sigma))
     throw UserError("σ must be a finite number ≥ 0, got " + std::to_string(sigma));
-  key_ = cim::NoiseKey{config_.seed, trial};
+  trial_ = trial;
   sigma_ = sigma;
   // A chip that stays fixed for every read is tabulated once here; `cycle` reads draw afresh.
-  const bool tabulate =
-      reads_ == CpuReads::kLookup && (config_.variation == VariationMode::kDevice || sigma == 0);
+  const bool tabulate = reads_ == CpuReads::kLookup && !config_.chip(sigma, trial, 0).redrawn_per_read();
   for (const QuantisedLayer& layer : layers_) {
     tables_[layer.index].clear();
     if (layer.digital) continue;
-    chip_[layer.index].resize(layer.subarrays());
+    operands_[layer.index].resize(layer.subarrays());
     if (tabulate) tables_[layer.index].resize(layer.subarrays());
     for (int s = 0; s < layer.subarrays(); ++s) {
-      program_subarray(layer.index, s, 0, chip_[layer.index][s]);
+      program_subarray(layer.index, s, 0, operands_[layer.index][s]);
       if (tabulate) build_lookup_table(layer.index, s, tables_[layer.index][s]);
     }
   }
@@ -144,9 +68,9 @@ void CpuCimBackend::build_lookup_table(int index, int s, std::vector<float>& tab
   const QuantisedLayer& layer = layers_[index];
   const int width = layer.subarray_begin[s + 1] - layer.subarray_begin[s];
   const int columns =
-      config_.cells_per_weight() * layer.spec.out_channels + reference_rows(config_, sigma_);
+      config_.cells_per_weight() * layer.spec.out_channels + chip(index).reference_rows();
   const int groups = cim::lookup_groups(width), stride = cim::lookup_stride(columns);
-  const std::vector<float>& operand = chip_[index][s];  // [column][row]
+  const std::vector<float>& operand = operands_[index][s];  // [column][row]
   table.assign(size_t(groups) * cim::kLookupPatterns * stride, 0.0f);
   for (int g = 0; g < groups; ++g) {
     const int first = g * cim::kLookupRows, rows = std::min(cim::kLookupRows, width - first);
@@ -168,7 +92,8 @@ size_t CpuCimBackend::lookup_table_bytes() const {
 size_t lookup_table_bytes(const CimLayerSpec& spec, const CimConfig& config, double sigma) {
   QuantisedLayer shape;
   map_rows(spec, config.mapping, config.subarray_rows, shape);
-  const int columns = config.cells_per_weight() * spec.out_channels + reference_rows(config, sigma);
+  const int columns =
+      config.cells_per_weight() * spec.out_channels + config.chip(sigma, 0, 0).reference_rows();
   size_t bytes = 0;
   for (int s = 0; s < shape.subarrays(); ++s)
     bytes += size_t(cim::lookup_groups(shape.subarray_begin[s + 1] - shape.subarray_begin[s])) *
@@ -179,47 +104,21 @@ size_t lookup_table_bytes(const CimLayerSpec& spec, const CimConfig& config, dou
 void CpuCimBackend::program_subarray(int index, int s, uint32_t read,
                                      std::vector<float>& operand) const {
   const QuantisedLayer& layer = layers_[index];
-  const int outs = layer.spec.out_channels, rows = layer.spec.rows();
-  const int slices = config_.cells_per_weight(), cell_bits = config_.cell_bits;
-  const int r0 = layer.subarray_begin[s], width = layer.subarray_begin[s + 1] - r0;
-  const int ref_rows = reference_rows(config_, sigma_);
-  const double inv_onoff = config_.inv_onoff();
-  const bool clean = sigma_ == 0;
+  const cim::ChipModel chip = this->chip(index);
+  const int outs = layer.spec.out_channels, rows = layer.spec.rows(), slices = chip.slices;
+  const int r0 = layer.subarray_begin[s], width = layer.subarray_rows(s);
+  const int ref_rows = chip.reference_rows();
   operand.assign(size_t(slices * outs + ref_rows) * width, 0.0f);
-  const double g_ref = cim::reference_conductance(cell_bits, inv_onoff);
 
 #pragma omp parallel for schedule(static) if (size_t(width) * outs * slices >= 4096)
   for (int k = 0; k < width; ++k) {
     const int logical = layer.mapped_to_logical[r0 + k];
-    for (int o = 0; o < outs; ++o) {
-      const int level = layer.levels[size_t(o) * rows + logical];
-      const uint64_t first_cell = (uint64_t(o) * rows + logical) * slices;
-      float z[4];
-      uint64_t cached_group = ~uint64_t{0};
-      for (int m = 0; m < slices; ++m) {
-        const int cell = cim::cell_level(level, m, cell_bits);
-        double value = cell;  // σ = 0: integer levels, so that partial sums are exact (§7)
-        if (!clean) {
-          const uint64_t cell_id = first_cell + m;
-          if ((cell_id >> 2) != cached_group) {
-            cached_group = cell_id >> 2;
-            cim::normal4(key_, uint32_t(index), cim::kWeightCells, cached_group, read, z);
-          }
-          value = cim::vary_conductance(cim::cell_conductance(cell, cell_bits, inv_onoff), sigma_,
-                                        z[cell_id & 3], config_.clamp_at_zero);
-        }
-        operand[size_t(m * outs + o) * width + k] = float(value);
-      }
-    }
-    for (int m = 0; m < ref_rows; ++m) {
-      double value = 1.0;  // the all-ones row: it counts Σ b
-      if (ref_rows > 1) {
-        const float z = cim::cell_noise(key_, uint32_t(index), cim::kReferenceCells,
-                                        uint64_t(logical) * slices + m, read);
-        value = cim::vary_conductance(g_ref, sigma_, z, config_.clamp_at_zero);
-      }
-      operand[size_t(slices * outs + m) * width + k] = float(value);
-    }
+    for (int o = 0; o < outs; ++o)
+      chip.program_weight(layer.levels[size_t(o) * rows + logical],
+                          (uint64_t(o) * rows + logical) * slices, read,
+                          &operand[size_t(o) * width + k], int64_t(outs) * width);
+    for (int m = 0; m < ref_rows; ++m)
+      operand[size_t(slices * outs + m) * width + k] = chip.reference_cell(logical, m, read);
   }
 }
 
@@ -293,12 +192,7 @@ void CpuCimBackend::run_layer(int index, const float* x, int n, int h, int w, fl
 void CpuCimBackend::run_digital(const QuantisedLayer& layer, const std::vector<uint16_t>& mapped,
                                 int npos, std::vector<double>& acc) const {
   const int outs = layer.spec.out_channels, rows = layer.spec.rows();
-  const double offset = cim::max_code(config_.weight_bits);
-  std::vector<double> weights(size_t(outs) * rows);
-  for (int o = 0; o < outs; ++o)
-    for (int r = 0; r < rows; ++r)
-      weights[size_t(o) * rows + r] =
-          2.0 * layer.levels[size_t(o) * rows + layer.mapped_to_logical[r]] - offset;
+  const std::vector<double> weights = digital_weights(layer, config_);
   const int chunks = (npos + kChunk - 1) / kChunk;
 #pragma omp parallel if (chunks > 1)
   {
@@ -317,17 +211,15 @@ void CpuCimBackend::run_digital(const QuantisedLayer& layer, const std::vector<u
 
 namespace {
 
-// How one read's partial sums become ADC codes, for one chunk of columns.
-struct ReadContext {
-  int outs, slices, ref_rows, cell_bits, adc_bits, subarray_rows;
-  AdcMode adc;
-  bool clean, ideal_clean;
-  double inv_onoff, g_ref, gain, full_scale;
+// How one read's partial sums become ADC codes, for one chunk of columns: the layer's read set-up
+// and the read's own sub-array rows and dynamic ranges.
+struct ReadContext : cim::ReadSetup {
+  int subarray_rows = 0;
   // dynamic ADC ranges per slice: weights, then reference
-  const double* lo;
-  const double* hi;
-  const double* ref_lo;
-  const double* ref_hi;
+  const double* lo = nullptr;
+  const double* hi = nullptr;
+  const double* ref_lo = nullptr;
+  const double* ref_hi = nullptr;
 };
 
 // Partial sums in level units: the GEMM gives them directly when σ > 0; at σ = 0 it gives the
@@ -481,7 +373,9 @@ double with_adc(const ReadContext& ctx, const Run& run) {
         return cim::FixedAdc(double(rows) * cim::max_code(ctx.cell_bits), ctx.adc_bits);
       });
     case AdcMode::kCalibrated:
-      return run([&](double, double, int) { return cim::FixedAdc(ctx.full_scale, ctx.adc_bits); });
+      return run([&](double, double, int) {
+        return cim::FixedAdc(ctx.calibrated_full_scale, ctx.adc_bits);
+      });
     case AdcMode::kIdeal:
       return run([](double, double, int) { return cim::IdealAdc(); });
   }
@@ -883,31 +777,20 @@ double lookup_layer(const ReadContext& ctx, const QuantisedLayer& layer,
 
 void CpuCimBackend::run_cim(const QuantisedLayer& layer, const std::vector<uint16_t>& mapped,
                             int npos, std::vector<double>& acc) {
-  const int outs = layer.spec.out_channels, slices = config_.cells_per_weight();
-  const int ref_rows = reference_rows(config_, sigma_);
-  const int operand_rows = slices * outs + ref_rows;
+  const cim::ChipModel chip = this->chip(layer.index);
   const bool calibrating = calibrating_;
-  const AdcMode adc = calibrating ? AdcMode::kIdeal : config_.adc;
-  const bool dynamic = adc == AdcMode::kDynamic;
-  const bool cycle = config_.variation == VariationMode::kCycle && sigma_ > 0;
-  if (adc == AdcMode::kCalibrated && !(layer.adc_full_scale > 0))
+  ReadContext ctx;
+  static_cast<cim::ReadSetup&>(ctx) =
+      cim::make_read_setup(chip, layer.spec.out_channels, config_.adc, config_.adc_bits,
+                           config_.input_bits, calibrating, layer.adc_full_scale);
+  const int outs = ctx.outs, slices = ctx.slices;
+  const int operand_rows = ctx.operand_rows();
+  const bool dynamic = ctx.adc == AdcMode::kDynamic;
+  const bool cycle = chip.redrawn_per_read();
+  if (ctx.adc == AdcMode::kCalibrated && !(layer.adc_full_scale > 0))
     throw UserError("ADC 'calibrated' needs a calibration run first (internal: layer '" +
                     layer.spec.name + "' has no range)");
   const int chunks = (npos + kChunk - 1) / kChunk;
-
-  ReadContext ctx{};
-  ctx.outs = outs;
-  ctx.slices = slices;
-  ctx.ref_rows = ref_rows;
-  ctx.cell_bits = config_.cell_bits;
-  ctx.adc_bits = config_.adc_bits;
-  ctx.adc = adc;
-  ctx.clean = sigma_ == 0;
-  ctx.ideal_clean = ctx.clean && adc == AdcMode::kIdeal;
-  ctx.inv_onoff = config_.inv_onoff();
-  ctx.g_ref = cim::reference_conductance(config_.cell_bits, ctx.inv_onoff);
-  ctx.gain = cim::recombination_gain(ctx.inv_onoff);
-  ctx.full_scale = layer.adc_full_scale;
 
   if (!cycle && !tables_[layer.index].empty()) {  // tabulated by program_chip
     const double largest =
@@ -925,10 +808,10 @@ void CpuCimBackend::run_cim(const QuantisedLayer& layer, const std::vector<uint1
     read_operands.resize(reads);
     for (int s = 0; s < subarrays; ++s)
       for (int bit = 0; bit < input_bits; ++bit)
-        program_subarray(layer.index, s, 1 + batch_index_ * input_bits + bit,
+        program_subarray(layer.index, s, cim::ChipModel::cycle_read(batch_index_, input_bits, bit),
                          read_operands[s * input_bits + bit]);
   }
-  const std::vector<std::vector<float>>& operands = chip_[layer.index];
+  const std::vector<std::vector<float>>& operands = operands_[layer.index];
 
   // Each chunk of output positions runs all its reads while its partial sums and accumulators
   // stay in cache. Per read: the bit plane, then one GEMM over all cell slices and the reference.

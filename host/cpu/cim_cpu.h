@@ -16,27 +16,10 @@
 
 #include "common/cim_backend.h"
 #include "common/cim_config.h"
-#include "kernels/noise.h"
+#include "common/layer_plan.h"
+#include "kernels/chip_model.h"
 
 namespace cimsweep {
-
-// The static part of one CIM layer under one configuration.
-struct QuantisedLayer {
-  CimLayerSpec spec;
-  int index = 0;                 // forward-order number: keys its noise stream
-  bool digital = false;          // computed digitally (quantised, exact), no CIM
-  double output_scale = 0;       // multiplies the recombined integer-unit sum (§5)
-  std::vector<uint16_t> levels;  // D[o][logical row], logical row = (c, i, j) row-major
-  // Sub-arrays over the mapped row order: mapped row r holds logical row mapped_to_logical[r].
-  std::vector<int> mapped_to_logical;
-  std::vector<int> subarray_begin;  // size = sub-arrays + 1
-  double adc_full_scale = 0;        // ADC `calibrated`: the measured range; `fixed`: unused
-
-  int subarrays() const { return int(subarray_begin.size()) - 1; }
-};
-
-QuantisedLayer quantise_layer(const CimLayerSpec& spec, int index, const CimConfig& config,
-                              bool digital);
 
 // How the partial sums of a fixed chip's reads are computed: by table look-up (the default, the
 // same float sums on every CPU), or, to compare against, as OpenBLAS GEMMs (the earlier path,
@@ -66,12 +49,14 @@ class CpuCimBackend : public CimBackend {
 
   const std::vector<QuantisedLayer>& layers() const { return layers_; }
   // The GEMM operand of sub-array `s` of layer `index` as programmed now (for tests).
-  const std::vector<float>& programmed_subarray(int index, int s) const { return chip_[index][s]; }
+  const std::vector<float>& programmed_subarray(int index, int s) const { return operands_[index][s]; }
   // The look-up table of sub-array `s` of layer `index` (for tests): [group][pattern][column],
   // rows of cim::lookup_stride(operand rows) floats.
   const std::vector<float>& lookup_table(int index, int s) const { return tables_[index][s]; }
 
  private:
+  // The chip programmed now, for layer `index`.
+  cim::ChipModel chip(int index) const { return config_.chip(sigma_, trial_, index); }
   void program_subarray(int index, int s, uint32_t read, std::vector<float>& operand) const;
   void build_lookup_table(int index, int s, std::vector<float>& table) const;
   void run_cim(const QuantisedLayer& layer, const std::vector<uint16_t>& mapped_input, int npos,
@@ -81,20 +66,15 @@ class CpuCimBackend : public CimBackend {
 
   CimConfig config_;
   std::vector<QuantisedLayer> layers_;
-  std::vector<std::vector<std::vector<float>>> chip_;    // [layer][sub-array] GEMM operand
+  std::vector<std::vector<std::vector<float>>> operands_;   // [layer][sub-array] GEMM operand
   std::vector<std::vector<std::vector<float>>> tables_;  // [layer][sub-array] look-up table
   CpuReads reads_ = CpuReads::kLookup;
   std::vector<double> calibration_max_;
-  cim::NoiseKey key_;
+  uint32_t trial_ = 0;
   double sigma_ = 0;
   uint32_t batch_index_ = 0;
   bool calibrating_ = false;
   bool all_digital_ = false;
 };
-
-// Rows of a sub-array's GEMM operand: nc·out weight rows (slice-major), then the reference rows:
-// one all-ones row (it counts Σ b; Pref = g_ref·Σ b) unless the reference cells vary, then one
-// row of varied reference conductances per slice.
-int reference_rows(const CimConfig& config, double sigma);
 
 }  // namespace cimsweep

@@ -46,17 +46,10 @@ TrialRunner::TrialRunner(const LoadedModel& model, const Dataset& data, const Ci
   config_hash_ = configuration_hash(model, data, config_);
   backend_ = make_backend(backend, model.network->cim_layers(), config_);
   if (config_.adc == AdcMode::kCalibrated) {
-    // The ADC's range is set at design time from clean data: the largest partial sum of each layer
-    // over the first evaluation batch on a noise-free chip.
-    backend_->program_chip(0, 0.0);
-    backend_->set_calibrating(true);
-    std::vector<float> images;
     const size_t count = std::min<size_t>(data.size(), size_t(config_.batch_size));
-    images.resize(count * data.image_elements());
+    std::vector<float> images(count * data.image_elements());
     for (size_t i = 0; i < images.size(); ++i) images[i] = data.pixels[i] * (1.0f / 255.0f);
-    backend_->begin_batch(0);
-    model.network->forward(images.data(), int(count), *backend_);
-    backend_->set_calibrating(false);
+    calibrate_adc(*backend_, *model.network, images.data(), int(count));
   }
 }
 
