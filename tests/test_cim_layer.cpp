@@ -308,13 +308,15 @@ TEST_P(AgainstNaiveReference, EveryReadMatches) {
     for (size_t i = 0; i < got.size(); ++i) {
       ASSERT_FALSE(std::isnan(got[i])) << i;
       // σ = 0: integer partial sums, so every ADC code agrees and only the final float rounding
-      // differs. σ > 0: float GEMM sums may flip a rare code at a boundary.
+      // differs. σ > 0: float GEMM sums may flip a rare code at a boundary. Where no code can flip
+      // (σ = 0 or the ideal ADC) the difference was at most 8e-7 of the scale over the default
+      // seed and CIMSWEEP_TEST_SEED=1…100.
       if (std::fabs(got[i] - want[i]) > 1e-5 * scale) ++mismatches;
     }
     if (ac.sigma == 0 || ac.adc == AdcMode::kIdeal)
       EXPECT_EQ(mismatches, 0u);
-    else
-      EXPECT_LE(mismatches, got.size() / 100) << "more code flips than float rounding explains";
+    else  // measured: at most 1 of the 144 outputs (in 9 of those 101 seeds); 2 are allowed
+      EXPECT_LE(mismatches, got.size() / 50) << "more code flips than float rounding explains";
   }
 }
 
@@ -555,9 +557,14 @@ TEST_P(LookupVsGemm, SameNumbersUpToFloatRounding) {
   if (rc.sigma == 0) {
     EXPECT_EQ(differ, 0u);
   } else if (rc.adc == AdcMode::kIdeal) {
-    EXPECT_EQ(beyond, 0u);
+    EXPECT_EQ(beyond, 0u);  // measured: at most 1.3e-6 of the scale
   } else {
-    EXPECT_LE(beyond, gemm.size() / 50) << "more code flips than float rounding explains";
+    // Outputs beyond 1e-5 of the scale, over the default seed and CIMSWEEP_TEST_SEED=1…100, of
+    // 840: at most 14 without reference variation and 36 with it (dynamic ADC, dense mapping).
+    // The bounds are about twice those. (The former bound, 16 for every case, failed at 23 of
+    // those 101 seeds.)
+    EXPECT_LE(beyond, gemm.size() / (rc.reference_variation ? 12 : 25))
+        << "more code flips than float rounding explains";
   }
 }
 
