@@ -94,7 +94,9 @@ TEST(BlockDropEstimator, GradientMatchesFiniteDifferences) {
         (reinforce_loss_and_gradient(probs_of(up), sampled, advantages, free, 0.8, 0.1, unused) -
          reinforce_loss_and_gradient(probs_of(down), sampled, advantages, free, 0.8, 0.1, unused)) /
         2e-3;
-    EXPECT_NEAR(dlogits[j], numeric, 2e-3) << "logit " << j;
+    // Measured: at most 1.6e-5 apart (float probabilities, steps of 1e-3); the bound is three
+    // times that.
+    EXPECT_NEAR(dlogits[j], numeric, 5e-5) << "logit " << j;
   }
 }
 
@@ -128,8 +130,10 @@ double train_bandit(double keep_reward, double drop_reward, double start_logit, 
 
 TEST(BlockDropEstimator, BanditLearnsTheBetterArm) {
   const uint32_t seed = cimsweep::testing::test_seed(41);
-  EXPECT_GT(train_bandit(1.0, -5.0, -1.0, seed), 0.9);  // starts dropping, learns to keep
-  EXPECT_LT(train_bandit(0.0, 0.75, 1.0, seed), 0.1);   // starts keeping, learns to drop
+  // Over the default seed and CIMSWEEP_TEST_SEED=1…50 the final keep probability was at least
+  // 0.99963 and at most 0.0031; the bounds leave about three times those distances from 1 and 0.
+  EXPECT_GT(train_bandit(1.0, -5.0, -1.0, seed), 0.999);  // starts dropping, learns to keep
+  EXPECT_LT(train_bandit(0.0, 0.75, 1.0, seed), 0.01);    // starts keeping, learns to drop
 }
 
 TEST(BlockDropAdam, FirstStepMovesEachWeightByTheLearningRate) {
@@ -138,6 +142,7 @@ TEST(BlockDropAdam, FirstStepMovesEachWeightByTheLearningRate) {
   parameters[0].grad = {0.3f, -4.0f, 0.0f};
   AdamState state;
   adam_step(parameters, state, 0.01);
+  // Measured: exactly these floats; 1e-6 is about 8 float ulps at 2.
   EXPECT_NEAR(parameters[0].value[0], 0.99f, 1e-6);
   EXPECT_NEAR(parameters[0].value[1], -1.99f, 1e-6);
   EXPECT_NEAR(parameters[0].value[2], 0.5f, 1e-6);
@@ -240,6 +245,8 @@ TEST(BlockDropTraining, TinyPolicyLearnsToSkipBlocksThatDoNotMatter) {
   EXPECT_EQ(r.policy_arch.num_classes, 3);
   EXPECT_EQ(r.epochs.front().free_blocks, 1);
   EXPECT_EQ(r.epochs.back().free_blocks, 3);
+  // Measured at the default seed only (a run takes minutes here): 2.33 blocks kept and the
+  // backbone's accuracy exactly, so the bounds below are not tight.
   EXPECT_LE(r.epochs.back().blocks_kept, 2.5);  // at least one block skipped on average
   // Accuracy kept: within 2 points of the backbone with every block.
   const double full = full_depth_accuracy(backbone, test);
@@ -293,7 +300,7 @@ TEST(BlockDropTraining, JointFineTuningKeepsAccuracyAndWritesBothFiles) {
   EXPECT_EQ(r.epochs.back().free_blocks, 3);
   ASSERT_TRUE(r.finetuned());
   // Accuracy kept: the fine-tuned backbone under the policy within 2 points of the original with
-  // every block.
+  // every block. (Measured at the default seed: the same accuracy.)
   EXPECT_GE(r.epochs.back().test_accuracy, full_depth_accuracy(backbone, test) - 2.0);
 
   const std::string path = dir.file("policy.safetensors");
@@ -468,6 +475,7 @@ TEST(BlockDropCli, SweepRunsThePolicyBesideItsFixedDepthBackbone) {
     }
     EXPECT_DOUBLE_EQ(row.at("blocks_kept").get<double>(), kept);
     EXPECT_EQ(row.at("keep_patterns").get<double>(), double(patterns));
+    // Measured: exactly 0; 1e-6 only allows the rounding of a standard deviation of equal values.
     EXPECT_NEAR(row.at("blocks_kept_std").get<double>(), 0.0, 1e-6) << "same masks every chip";
     // The clean row: the digital backbone under those masks.
     EXPECT_DOUBLE_EQ(row.at("clean_accuracy").get<double>(),

@@ -284,6 +284,8 @@ TEST_F(CimReference, DeviceChipsMatchThePythonReferenceBitForBit) {
       plain.neurosim_scale = false;
       const std::vector<float> unscaled = backend_output(plain, c.sigma);
       const double ratio = 255.0 * 255.0 / (256.0 * 256.0);
+      // At most 1.07e-7 of |expected| + |bias| (about one float ulp) over the default seed and
+      // CIMSWEEP_TEST_SEED=1…4; the bound is about four times that.
       for (size_t i = 0; i < y.size(); ++i) {
         const double bias = bias_[(i / (kHeight * kWidth)) % kOut];
         const double expected = (double(unscaled[i]) - bias) * ratio + bias;
