@@ -245,8 +245,9 @@ TEST(BlockDropTraining, TinyPolicyLearnsToSkipBlocksThatDoNotMatter) {
   EXPECT_EQ(r.policy_arch.num_classes, 3);
   EXPECT_EQ(r.epochs.front().free_blocks, 1);
   EXPECT_EQ(r.epochs.back().free_blocks, 3);
-  // Measured at the default seed only (a run takes minutes here): 2.33 blocks kept and the
-  // backbone's accuracy exactly, so the bounds below are not tight.
+  // Measured: 2.33 blocks kept and the backbone's accuracy at the default seed; over
+  // CIMSWEEP_TEST_SEED=4…10 up to 2.75 kept (above the bound at seeds 5 and 10) and at most half a
+  // point of accuracy lost. The first bound holds for the default seed only: see issue 14.
   EXPECT_LE(r.epochs.back().blocks_kept, 2.5);  // at least one block skipped on average
   // Accuracy kept: within 2 points of the backbone with every block.
   const double full = full_depth_accuracy(backbone, test);
@@ -300,7 +301,7 @@ TEST(BlockDropTraining, JointFineTuningKeepsAccuracyAndWritesBothFiles) {
   EXPECT_EQ(r.epochs.back().free_blocks, 3);
   ASSERT_TRUE(r.finetuned());
   // Accuracy kept: the fine-tuned backbone under the policy within 2 points of the original with
-  // every block. (Measured at the default seed: the same accuracy.)
+  // every block. (Measured: at most 1 point lost, the default seed and CIMSWEEP_TEST_SEED=4…10.)
   EXPECT_GE(r.epochs.back().test_accuracy, full_depth_accuracy(backbone, test) - 2.0);
 
   const std::string path = dir.file("policy.safetensors");
