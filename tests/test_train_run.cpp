@@ -55,7 +55,7 @@ TEST(Training, TinyResNetLearnsWhichQuadrantHoldsTheBlob) {
   ASSERT_EQ(r.epochs.size(), 6u);
   EXPECT_LT(r.epochs.back().loss, r.epochs.front().loss);
   // Measured: 100 % quantised, float and last-epoch over the default seed and
-  // CIMSWEEP_TEST_SEED=1…3; 95 % allows 10 of the 200 test images to slip.
+  // CIMSWEEP_TEST_SEED=1…10; 95 % allows 10 of the 200 test images to slip.
   EXPECT_GE(r.quantised_test_accuracy, 95.0);
   EXPECT_GE(r.float_test_accuracy, 95.0);
   EXPECT_GE(r.epochs.back().test_accuracy, 95.0);
@@ -83,7 +83,7 @@ TEST(Training, Bf16ConvolutionsReachTheAccuracyOfFp32) {
   }
   const TrainResult fp32_run = train_network(tiny_settings(seed), d.train, d.test);
   const TrainResult bf16_run = train_network(bf16, d.train, d.test);
-  // Measured: both 100 % over the default seed and CIMSWEEP_TEST_SEED=1…3 (AVX-512 BF16 Xeon).
+  // Measured: both 100 % over the default seed and CIMSWEEP_TEST_SEED=1…10 (AVX-512 BF16 Xeon).
   EXPECT_GE(bf16_run.quantised_test_accuracy, 95.0);
   EXPECT_NEAR(bf16_run.quantised_test_accuracy, fp32_run.quantised_test_accuracy, 3.0);
   EXPECT_LT(bf16_run.epochs.back().loss, bf16_run.epochs.front().loss);
@@ -183,7 +183,7 @@ TEST(Training, MultiExitNetworkTrainsEveryHead) {
   ASSERT_EQ(r.exit_quantised_test_accuracy.size(), 3u);
   // Chance is 25 %. After stage 1 the features have seen 7×7 pixels, too few to place the blob
   // relative to the image border reliably, so the first exit learns less than the others.
-  // Measured over the default seed and CIMSWEEP_TEST_SEED=1…3: the first exit 56–99 %, the
+  // Measured over the default seed and CIMSWEEP_TEST_SEED=1…10: the first exit 56–99 %, the
   // others 100 %; the first bound is about half the least excess over chance.
   EXPECT_GE(r.exit_quantised_test_accuracy[0], 45.0);
   EXPECT_GE(r.exit_quantised_test_accuracy[1], 90.0);
@@ -211,7 +211,7 @@ TEST(Training, FrozenBackboneKeepsItsTensorsAndTrainsTheExits) {
     EXPECT_EQ(tensor.data, heads.tensors.at(name).data) << name;
   EXPECT_TRUE(heads.tensors.count("exit1.fc.weight"));
   EXPECT_LT(heads.epochs.back().loss, heads.epochs.front().loss);
-  // Chance: 25 %. Measured 72–90 % over the default seed and CIMSWEEP_TEST_SEED=1…3 (3 epochs).
+  // Chance: 25 %. Measured 52–90 % over the default seed and CIMSWEEP_TEST_SEED=1…10 (3 epochs).
   EXPECT_GE(heads.exit_quantised_test_accuracy[1], 35.0);
 
   // A model of another architecture is refused.
@@ -234,7 +234,7 @@ TEST(Training, PactLearnsTheRangesAndWageScalingTrains) {
   // fake-quantised float forward on its last epoch (train/quantise.h; PACT ranges are not
   // recalibrated after it) and the evaluator's integer digital layers on the saved tensors. They
   // differ only where float rounding flips an argmax. (Measured at the default seed and
-  // CIMSWEEP_TEST_SEED=1…3: 100 % both;
+  // CIMSWEEP_TEST_SEED=1…10: 100 % both;
   // at that ceiling this catches a broken WAGE or PACT path in either, not a one-image slip.)
   std::cout << "[ accuracy ] trainer (fake-quantised) " << r.epochs.back().test_accuracy
             << " %, evaluator (digital) " << r.quantised_test_accuracy << " %" << std::endl;
