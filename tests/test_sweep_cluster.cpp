@@ -12,6 +12,7 @@
 #include <chrono>
 #include <filesystem>
 #include <fstream>
+#include <iostream>
 #include <map>
 #include <optional>
 #include <random>
@@ -448,6 +449,81 @@ TEST_F(Cluster, TwoConcurrentWritersOnOneFileNeitherDuplicateNorLose) {
     EXPECT_EQ(lines.size(), 5u) << "round " << round;  // clean + 2 σ × 2 trials
   }
   EXPECT_EQ(split_lines(table).size(), 3u) << table;  // csv header and one row per σ
+}
+
+}  // namespace
+
+namespace {
+
+// --print-config: the plan as a sweep file that runs the same. Every CIM option moved off its
+// default, the command line over the sweep file's values; printed, read back, printed again.
+TEST(PrintConfig, CimOptionValuesRoundTripEveryOption) {
+  cimsweep::CimConfig c;
+  for (const auto& [name, value] :
+       cimsweep::CimOptionValues{{"weight-bits", "6"}, {"cell-bits", "2"}, {"input-bits", "5"},
+                                 {"rows", "33"}, {"onoff", "17.5"}, {"weight-scaling", "wage"},
+                                 {"variation", "cycle"}, {"clamp-at-zero", "true"},
+                                 {"reference-variation", "true"}, {"mapping", "dense"},
+                                 {"adc-bits", "7"}, {"adc", "calibrated"}, {"batch", "13"},
+                                 {"digital-layers", "conv1,fc"}, {"neurosim-scale", "true"},
+                                 {"seed", "4000000000"}})
+    cimsweep::set_cim_option(c, name, value);
+  const cimsweep::CimOptionValues values = cimsweep::cim_option_values(c);
+  ASSERT_EQ(values.size(), cimsweep::cim_options().size());
+  for (size_t i = 0; i < values.size(); ++i)
+    EXPECT_EQ(values[i].first, cimsweep::cim_options()[i].name) << "in cim_options()'s order";
+  cimsweep::CimConfig back;
+  cimsweep::set_cim_options(back, values);
+  EXPECT_EQ(back.to_json(), c.to_json());
+  EXPECT_NE(back.to_json(), cimsweep::CimConfig{}.to_json()) << "the options were moved";
+  cimsweep::CimConfig infinite;
+  cimsweep::set_cim_option(infinite, "onoff", "inf");
+  cimsweep::CimConfig infinite_back;
+  cimsweep::set_cim_options(infinite_back, cimsweep::cim_option_values(infinite));
+  EXPECT_EQ(infinite_back.to_json(), infinite.to_json());
+}
+
+TEST(PrintConfig, PrintsASweepFileThatPlansTheSameRun) {
+  TempDir dir;
+  write_tiny_idx_test_split(dir.path(), cimsweep::testing::test_seed(778));
+  cimsweep::testing::write_text(
+      dir.file("spec.toml"),
+      "name = \"mine\"\nsigmas = [0.1, 0.05]\ntrials = 4\n[cim]\nadc = \"fixed\"\nrows = 64\n"
+      "[[models]]\npath = \"" + kModel + "\"\nlabel = \"tiny\"\n");
+  const std::string spec = dir.file("spec.toml"), results = dir.file("r.jsonl");
+  const std::string options = " --data " + dir.path() +
+                              " --trials 3 --adc-bits 6 --clamp-at-zero --limit 40 --batch 16 --quiet";
+  const auto printed =
+      run_cimsweep("sweep --spec " + spec + options + " --print-config --results " + results);
+  ASSERT_EQ(printed.exit_code, 0) << printed.err;
+  EXPECT_FALSE(std::filesystem::exists(results)) << "nothing ran";
+  std::cout << printed.out;
+  const std::string file = dir.file("printed.toml");
+  cimsweep::testing::write_text(file, printed.out);
+  const cimsweep::SweepPlan plan = cimsweep::read_sweep_spec(file);
+  EXPECT_EQ(plan.name, "mine");
+  EXPECT_EQ(plan.trials, 3) << "the command line over the sweep file";
+  EXPECT_EQ(plan.limit, 40u);
+  EXPECT_EQ(std::set<double>(plan.sigmas.begin(), plan.sigmas.end()), (std::set<double>{0.05, 0.1}));
+  EXPECT_EQ(plan.data_path, std::filesystem::absolute(dir.path()).lexically_normal().string());
+  ASSERT_EQ(plan.models.size(), 1u);
+  EXPECT_EQ(plan.models[0].path, kModel);
+  EXPECT_EQ(plan.models[0].label, "tiny");
+  EXPECT_EQ(plan.cim.adc, cimsweep::AdcMode::kFixed);
+  EXPECT_EQ(plan.cim.subarray_rows, 64);
+  EXPECT_EQ(plan.cim.adc_bits, 6);
+  EXPECT_EQ(plan.cim.batch_size, 16);
+  EXPECT_TRUE(plan.cim.clamp_at_zero);
+  // The printed file prints itself, and runs the table of the command line it came from.
+  const auto again = run_cimsweep("sweep --spec " + file + " --print-config");
+  ASSERT_EQ(again.exit_code, 0) << again.err;
+  EXPECT_EQ(again.out, printed.out);
+  const auto original = run_cimsweep("sweep --spec " + spec + options + " --format csv");
+  const auto from_file = run_cimsweep("sweep --spec " + file + " --quiet --format csv");
+  ASSERT_EQ(original.exit_code, 0) << original.err;
+  ASSERT_EQ(from_file.exit_code, 0) << from_file.err;
+  EXPECT_EQ(from_file.out, original.out);
+  EXPECT_GT(std::count(original.out.begin(), original.out.end(), '\n'), 2) << original.out;
 }
 
 }  // namespace
