@@ -187,6 +187,34 @@ const std::vector<CimOption>& cim_options() {
   return options;
 }
 
+CimOptionValues cim_option_values(const CimConfig& c) {
+  auto number = [](double v) {
+    if (std::isinf(v)) return std::string("inf");
+    char text[32];
+    std::snprintf(text, sizeof text, "%.17g", v);
+    return std::string(text);
+  };
+  std::string digital;
+  for (const std::string& name : c.digital_layers) digital += (digital.empty() ? "" : ",") + name;
+  const auto flag = [](bool on) { return std::string(on ? "true" : "false"); };
+  return {{"weight-bits", std::to_string(c.weight_bits)},
+          {"cell-bits", std::to_string(c.cell_bits)},
+          {"input-bits", std::to_string(c.input_bits)},
+          {"rows", std::to_string(c.subarray_rows)},
+          {"onoff", number(c.onoff_ratio)},
+          {"weight-scaling", to_string(c.scaling)},
+          {"variation", to_string(c.variation)},
+          {"clamp-at-zero", flag(c.clamp_at_zero)},
+          {"reference-variation", flag(c.reference_variation)},
+          {"mapping", to_string(c.mapping)},
+          {"adc-bits", std::to_string(c.adc_bits)},
+          {"adc", to_string(c.adc)},
+          {"batch", std::to_string(c.batch_size)},
+          {"digital-layers", digital},
+          {"neurosim-scale", flag(c.neurosim_scale)},
+          {"seed", std::to_string(c.seed)}};
+}
+
 void set_cim_options(CimConfig& config, const CimOptionValues& values) {
   for (const auto& [name, value] : values) set_cim_option(config, name, value);
 }

@@ -75,6 +75,9 @@ using CimOptionValues = std::vector<std::pair<std::string, std::string>>;
 // UserError on an unknown name or a value that does not parse.
 void set_cim_option(CimConfig& config, const std::string& name, const std::string& value);
 void set_cim_options(CimConfig& config, const CimOptionValues& values);
+// Every CIM option of `config` as a command line would give it, in the order of cim_options():
+// set_cim_options(CimConfig{}, cim_option_values(c)) gives c back.
+CimOptionValues cim_option_values(const CimConfig& config);
 
 // 64-bit FNV-1a of bytes, as 16 hex digits: the config hash of the results files.
 std::string fnv1a_hex(const std::string& bytes);

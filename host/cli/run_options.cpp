@@ -82,6 +82,9 @@ void add_run_options(CLI::App& command, RunOptions& o) {
                      "CUDA backend: exact (agrees with the CPU to ~1e-5) or fast (fp16 tensor "
                      "cores) (default exact)");
   command.add_flag("--quiet", o.quiet, "no progress line");
+  command.add_flag("--print-config", o.print_config,
+                   "print the run as planned (every option, the sweep file's and the command "
+                   "line's, as a sweep file for --spec) and stop without running it");
   command.add_option("--exit-policy", o.exit_policy.policy,
                      "multi-exit models: fixed:E, entropy:T1,T2,…, best-static, sigma-aware or "
                      "sigma-aware-learned (exits numbered 1 … E, E = final)");
@@ -242,6 +245,10 @@ int run_plan(SweepPlan plan, const RunOptions& o,
   apply_run_options(o, plan);
   validate_plan(plan);
   tidy_sigmas(plan);
+  if (o.print_config) {
+    std::fputs(sweep_spec_text(plan).c_str(), stdout);
+    return 0;
+  }
   // Every file the run reads: neither the table nor the results may be one of them.
   std::vector<std::pair<std::string, std::string>> inputs;
   for (const SweepModel& m : plan.models) inputs.emplace_back(m.path, "model file");

@@ -29,6 +29,7 @@ struct RunOptions {
   int trials = kNotGiven, first_trial = kNotGiven, threads = 0, device = 0;
   double ci_width = std::numeric_limits<double>::quiet_NaN();  // NaN: not given
   int min_trials = kNotGiven, max_trials = kNotGiven;
+  bool print_config = false;  // print the plan as a sweep file and stop
   bool resume = false, quiet = false, no_clean = false, policy_on_cim = false,
        wait_for_lock = false, force = false;
   ExitPolicyOptions exit_policy;  // --exit-policy and its calibration, --entropy-grid

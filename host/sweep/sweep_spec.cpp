@@ -154,6 +154,53 @@ SweepPlan read_sweep_spec(const std::string& path) {
   return plan;
 }
 
+std::string sweep_spec_text(const SweepPlan& plan) {
+  auto absolute = [](const std::string& p) {
+    return p.empty() ? p : fs::absolute(p).lexically_normal().string();
+  };
+  toml::table table;
+  table.insert("name", plan.name);
+  if (!plan.data_path.empty()) table.insert("data", absolute(plan.data_path));
+  table.insert("split", plan.split);
+  table.insert("limit", int64_t(plan.limit));
+  table.insert("first_trial", int64_t(plan.first_trial));
+  if (plan.adaptive()) {
+    table.insert("ci_width", plan.ci_width);
+    table.insert("min_trials", int64_t(plan.min_trials));
+    table.insert("max_trials", int64_t(plan.max_trials));
+  } else {
+    table.insert("trials", int64_t(plan.trials));
+  }
+  toml::array sigmas;
+  for (double sigma : plan.sigmas) sigmas.push_back(sigma);
+  table.insert("sigmas", sigmas);
+  table.insert("clean", plan.clean_reference);
+  toml::table cim;
+  for (const auto& [name, value] : cim_option_values(plan.cim)) {
+    const bool flag = std::any_of(cim_options().begin(), cim_options().end(),
+                                  [&](const CimOption& o) { return o.flag && o.name == name; });
+    char* end = nullptr;
+    const long long integer = std::strtoll(value.c_str(), &end, 10);
+    if (flag)
+      cim.insert(name, value == "true");
+    else if (!value.empty() && *end == '\0')
+      cim.insert(name, int64_t(integer));
+    else if (name == "onoff" && value != "inf")
+      cim.insert(name, std::strtod(value.c_str(), nullptr));
+    else if (!value.empty())
+      cim.insert(name, value);
+  }
+  table.insert("cim", cim);
+  toml::array models;
+  for (const SweepModel& m : plan.models)
+    models.push_back(toml::table{{"path", absolute(m.path)}, {"label", m.label}});
+  table.insert("models", models);
+  std::ostringstream text;
+  text << "# cimsweep sweep file: the run as planned (--print-config); run it with --spec FILE\n"
+       << table << "\n";
+  return text.str();
+}
+
 std::string sigma_problem(double sigma) {
   if (std::isfinite(sigma) && sigma >= 0 && sigma <= kMaxSigma) return "";
   const std::string shown = std::isnan(sigma) ? "nan" : nlohmann::json(sigma).dump();

@@ -43,6 +43,11 @@ struct SweepPlan {
 // their command-line names), [[models]] with path and optional label. UserError on anything else.
 SweepPlan read_sweep_spec(const std::string& path);
 
+// The plan as a sweep file (TOML) that read_sweep_spec reads back to the same plan: every key and
+// every CIM option written out, paths absolute, so that the file runs the same from anywhere
+// (what --print-config prints).
+std::string sweep_spec_text(const SweepPlan& plan);
+
 // Checks a plan is runnable (models, σ in [0, kMaxSigma], trials ≥ 1 and below the calibration
 // chips' 2^30, CIM parameters): UserError otherwise.
 void validate_plan(const SweepPlan& plan);
