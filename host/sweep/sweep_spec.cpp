@@ -176,7 +176,9 @@ std::string sweep_spec_text(const SweepPlan& plan) {
   table.insert("sigmas", sigmas);
   table.insert("clean", plan.clean_reference);
   toml::table cim;
-  for (const auto& [name, value] : cim_option_values(plan.cim)) {
+  for (const auto& option : cim_option_values(plan.cim)) {
+    const std::string& name = option.first;
+    const std::string& value = option.second;
     const bool flag = std::any_of(cim_options().begin(), cim_options().end(),
                                   [&](const CimOption& o) { return o.flag && o.name == name; });
     char* end = nullptr;
