@@ -1,7 +1,8 @@
 // The per-element work of every CUDA kernel of the CIM backend, as HOST_DEVICE functions on plain
 // structs: each kernel calls one of these per thread, and the CPU reference of that kernel
-// (cuda/cim_reference.cpp) calls the same function in a loop. The arithmetic is host/cim_cpu.cpp's
-// operation for operation: the partial sums in the order of its table look-up reads
+// (cuda/cim_reference.cpp) calls the same function in a loop. The chip's cells and the read set-up
+// come from kernels/chip_model.h, as the CPU backend's (host/cpu/cim_cpu.cpp); the rest is its
+// arithmetic operation for operation: the partial sums in the order of its table look-up reads
 // (kernels/lookup_read.h), the ADC codes and the split shift-and-add with the helpers of
 // kernels/cim_math.h in its order, so that a GPU result equals its reference bit for bit and the
 // reference equals the CPU backend bit for bit wherever the CPU reads by table look-up (every
