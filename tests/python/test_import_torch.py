@@ -176,6 +176,8 @@ def check_layout(binary, work, block, head, generator):
     quantised = quantised_from_file(model, pool)
     # The scale of the quantised logits without the head's bias (added exactly after the
     # quantised sum): 8-bit rounding errs by a few per cent of it, a wrong tensor by all of it.
+    # Measured: 4.3 % (linear) and 3.0 % (fc) at SEED, at most 7.4 % with SEED = 1 … 5; the seed is
+    # fixed, so the 10 % bound cannot flake.
     bias = getattr(net, head).bias.detach().double().numpy()
     scale = np.abs(quantised - bias).max()
     error = np.abs(reference - quantised).max()
